@@ -1,0 +1,42 @@
+"""tbptt_fast: truncated backpropagation through time, TBPTT(k1, k2), for RNN, LSTM and GRU.
+
+>>> import tbptt_fast as tb
+>>> model = tb.Model("lstm", input_size=3, hidden_size=8, output_size=2)
+>>> trainer = tb.Trainer(model, k1=4, k2=8, optimizer=tb.SGD(lr=0.1), backend="numpy")
+"""
+
+from ._backend import cuda_available, native_available
+from .model import Model
+from .optim import SGD, Adam
+from .trainer import FitResult, NonFiniteError, Trainer
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads the native CPU engine (its OpenBLAS) may use."""
+    from . import _native
+
+    _native.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of threads the native CPU engine (its OpenBLAS) may use."""
+    from . import _native
+
+    return _native.get_num_threads()
+
+
+__all__ = [
+    "SGD",
+    "Adam",
+    "FitResult",
+    "Model",
+    "NonFiniteError",
+    "Trainer",
+    "__version__",
+    "cuda_available",
+    "get_num_threads",
+    "native_available",
+    "set_num_threads",
+]

@@ -1,0 +1,146 @@
+"""The one validation layer (SPEC section 6) every backend goes through.
+
+Every check names the argument, says what was expected and what was received,
+and runs before anything changes. Engines trust what passes here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import _to_numpy
+
+
+def check_k(name: str, value, *, allow_none: bool = False) -> int | None:
+    """An int >= 1 (``None`` too where allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        what = "an int >= 1 or None" if allow_none else "an int >= 1"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _check_shape(name: str, a: np.ndarray, expected: tuple, labels: tuple) -> None:
+    """expected: ints or None (free); labels: names shown for free axes."""
+    shown = [lab if e is None else e for e, lab in zip(expected, labels, strict=True)]
+    if a.ndim != len(expected) or any(
+        e is not None and e != s for e, s in zip(expected, a.shape, strict=False)
+    ):
+        raise ValueError(f"{name} must have shape {_fmt(shown)}, got {_fmt(a.shape)}")
+
+
+def float_array(name, value, expected, labels, dtype, *, finite_where=None) -> np.ndarray:
+    """A floating array of the expected shape, cast to ``dtype``, C-contiguous.
+
+    ``finite_where`` (bool, broadcastable) restricts the NaN/Inf check to the
+    entries that will be read.
+    """
+    a = _to_numpy(value)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+    _check_shape(name, a, expected, labels)
+    if 0 in a.shape:
+        raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
+    ok = np.isfinite(a)
+    if finite_where is not None:
+        ok |= ~finite_where
+    if not np.all(ok):
+        bad = tuple(int(i) for i in np.argwhere(~ok)[0])
+        raise ValueError(f"{name} must be finite, found {a[bad]} at index {list(bad)}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def flag_array(name, value, shape, labels) -> np.ndarray | None:
+    """A bool or numeric [T, B] (or [B]) array; nonzero means true. None stays None."""
+    if value is None:
+        return None
+    a = _to_numpy(value)
+    if not (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.number)):
+        raise TypeError(f"{name} must be a bool or numeric array, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be a bool or real numeric array, got dtype {a.dtype}")
+    _check_shape(name, a, shape, labels)
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must not contain NaN or Inf")
+    return a != 0
+
+
+def class_target(name, value, shape, labels, num_classes, read) -> np.ndarray:
+    """Integer class indices in [0, O) where ``read``; returned as int64, 0 elsewhere."""
+    a = _to_numpy(value)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(
+            f"{name} must be an integer array of class indices for cross_entropy, "
+            f"got dtype {a.dtype}"
+        )
+    _check_shape(name, a, shape, labels)
+    bad = read & ((a < 0) | (a >= num_classes))
+    if np.any(bad):
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must hold class indices in [0, {num_classes}) where mask is set, "
+            f"got {a[idx]} at index {list(idx)}"
+        )
+    return np.ascontiguousarray(np.where(read, a, 0), dtype=np.int64)
+
+
+def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
+    """Parse ``initial_state`` into the flat layer-major list the engines take.
+
+    Accepts a list with one entry per layer (``h`` [B, H], or ``(h, c)`` for
+    lstm), or PyTorch's form: ``h0`` [L, B, H], or ``(h0, c0)`` for lstm.
+    ``batch``, when given, is the batch size the state must have.
+    """
+    L, H, lstm = model.num_layers, model.hidden_size, model.cell == "lstm"
+    name = "initial_state"
+    torch_form = None
+    if lstm and isinstance(value, tuple) and len(value) == 2:
+        parts = [_to_numpy(v) for v in value]
+        if all(p.ndim == 3 for p in parts):
+            torch_form = parts
+    elif not lstm and not isinstance(value, (list, tuple)):
+        torch_form = [_to_numpy(value)]
+    if torch_form is not None:
+        arrays = []
+        for j, part in enumerate(torch_form):
+            sub = f"{name}[{j}]" if lstm else name
+            _check_shape(sub, part, (L, batch, H), ("L", "B", "H"))
+            arrays.append(part)
+        flat_named = []
+        for k in range(L):
+            for j, part in enumerate(arrays):
+                sub = f"{name}[{j}]" if lstm else name
+                flat_named.append((f"{sub}[{k}]", part[k]))
+    else:
+        if not isinstance(value, (list, tuple)) or len(value) != L:
+            form = "(h0, c0) with each [L, B, H]" if lstm else "h0 [L, B, H]"
+            per = "(h, c)" if lstm else "h [B, H]"
+            raise ValueError(
+                f"{name} must be a list of {L} per-layer entries {per}, or PyTorch's {form}"
+            )
+        flat_named = []
+        for k, entry in enumerate(value):
+            if lstm:
+                if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+                    raise ValueError(f"{name}[{k}] must be a pair (h, c) for lstm")
+                flat_named += [(f"{name}[{k}][0]", entry[0]), (f"{name}[{k}][1]", entry[1])]
+            else:
+                flat_named.append((f"{name}[{k}]", entry))
+    out = []
+    for sub, a in flat_named:
+        b = batch if batch is not None else (out[0].shape[0] if out else None)
+        out.append(float_array(sub, a, (b, H), ("B", "H"), model.dtype))
+    return out

@@ -1,0 +1,159 @@
+"""The model: a stack of recurrent layers and a linear readout, with PyTorch's parameter layout."""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+
+from .reference import GATES, param_names
+
+__all__ = ["CELLS", "DTYPES", "Model"]
+
+CELLS = tuple(GATES)
+DTYPES = ("float32", "float64")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A NumPy view of an array-like, including torch tensors (on any device)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+class Model:
+    """A stack of ``num_layers`` recurrent layers followed by a linear readout.
+
+    Parameters (names and shapes as ``torch.nn.LSTM/GRU/RNN`` + ``torch.nn.Linear``,
+    G = 1 rnn_tanh/rnn_relu, 4 lstm (i, f, g, o), 3 gru (r, z, n)):
+    ``weight_ih_l{k}`` [G*H, D_k] (D_0 = input_size, else H), ``weight_hh_l{k}``
+    [G*H, H], ``bias_ih_l{k}``, ``bias_hh_l{k}`` [G*H], ``readout.weight`` [O, H],
+    ``readout.bias`` [O]. All are drawn uniform in [-1/sqrt(H), 1/sqrt(H)] from
+    ``numpy.random.default_rng(seed)`` in that order, then cast to ``dtype``.
+
+    Args:
+        cell: "rnn_tanh", "rnn_relu", "lstm" or "gru".
+        input_size, hidden_size, output_size, num_layers: D, H, O, L (ints >= 1).
+        dtype: "float32" (default) or "float64"; every computation uses it.
+        seed: seed of the initialisation.
+    """
+
+    def __init__(
+        self,
+        cell: str,
+        input_size: int,
+        hidden_size: int,
+        output_size: int,
+        num_layers: int = 1,
+        dtype: str = "float32",
+        seed: int = 0,
+    ):
+        if cell not in GATES:
+            raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
+        self.cell = cell
+        self.input_size = _positive_int("input_size", input_size)
+        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.output_size = _positive_int("output_size", output_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dt is None or dt.name not in DTYPES:
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.dtype = dt.name
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        self._params = {
+            name: np.ascontiguousarray(rng.uniform(-bound, bound, size=shape).astype(self.dtype))
+            for name, shape in self.shapes().items()
+        }
+        self._version = 0  # bumped by load_state_dict; trainers re-check finiteness then
+        self._trainers = weakref.WeakSet()  # trainers whose device copies must follow
+
+    @property
+    def gates(self) -> int:
+        """G: gates per hidden unit (1, 4 or 3)."""
+        return GATES[self.cell]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape, in canonical order."""
+        G, H = self.gates, self.hidden_size
+        shapes = {}
+        for k in range(self.num_layers):
+            d = self.input_size if k == 0 else H
+            shapes[f"weight_ih_l{k}"] = (G * H, d)
+            shapes[f"weight_hh_l{k}"] = (G * H, H)
+            shapes[f"bias_ih_l{k}"] = (G * H,)
+            shapes[f"bias_hh_l{k}"] = (G * H,)
+        shapes["readout.weight"] = (self.output_size, H)
+        shapes["readout.bias"] = (self.output_size,)
+        assert list(shapes) == param_names(self.num_layers)
+        return shapes
+
+    def param_list(self) -> list[np.ndarray]:
+        """The live parameter arrays in canonical order (engines update them in place)."""
+        return [self._params[n] for n in param_names(self.num_layers)]
+
+    def _sync_from_devices(self) -> None:
+        for trainer in list(self._trainers):
+            trainer._engine.pull_params()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of the current parameters: ``{name: np.ndarray}`` in canonical order."""
+        self._sync_from_devices()
+        return {name: p.copy() for name, p in self._params.items()}
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load parameters from a mapping of name -> array (NumPy or torch tensors).
+
+        Names and shapes must match :meth:`shapes` exactly; floating values are
+        cast to the model's dtype. A ``torch.nn.LSTM``'s state dict plus a
+        ``torch.nn.Linear``'s under the prefix ``readout.`` loads as is.
+        Raises ``ValueError``/``TypeError`` naming the entry; on error nothing
+        is changed. Values are not checked for NaN here (as in PyTorch); a
+        trainer refuses non-finite parameters before its next step.
+        """
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        expected = self.shapes()
+        missing = [n for n in expected if n not in state_dict]
+        unexpected = [n for n in state_dict.keys() if n not in expected]
+        if missing or unexpected:
+            raise ValueError(
+                f"state_dict keys do not match: missing {missing}, unexpected {unexpected}"
+            )
+        new = {}
+        for name, shape in expected.items():
+            a = _to_numpy(state_dict[name])
+            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+                raise TypeError(f"state_dict[{name!r}] must be a real array, got {a.dtype}")
+            if a.shape != shape:
+                raise ValueError(
+                    f"state_dict[{name!r}] must have shape {list(shape)}, got {list(a.shape)}"
+                )
+            new[name] = a.astype(self.dtype)
+        for name, a in new.items():
+            np.copyto(self._params[name], a)  # in place: engines hold these arrays
+        self._version += 1
+        for trainer in list(self._trainers):
+            trainer._engine.push_params()
+
+    def num_parameters(self) -> int:
+        """Total number of scalar parameters."""
+        return sum(int(np.prod(s)) for s in self.shapes().values())
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.cell!r}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"output_size={self.output_size}, num_layers={self.num_layers}, dtype={self.dtype!r})"
+        )

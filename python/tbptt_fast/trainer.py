@@ -1,0 +1,317 @@
+"""The trainer: TBPTT(k1, k2) over a stream, on any backend (SPEC sections 3, 4 and 7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _validation as V
+from ._backend import BACKENDS, make_engine
+from .model import Model
+from .optim import SGD, Adam
+from .reference import param_names
+
+__all__ = ["FitResult", "NonFiniteError", "Trainer"]
+
+LOSSES = ("mse", "cross_entropy")
+OVERLAPS = ("stored", "recompute")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/Inf during training.
+
+    The message names the step of the failed update; the parameters and the
+    optimizer state are as they were before that update.
+    """
+
+
+class _SameAsK1:
+    def __repr__(self) -> str:
+        return "k1"
+
+
+_K1 = _SameAsK1()
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns.
+
+    Attributes:
+        losses: [U] float64, ``Loss_P`` of each update, as computed in the forward pass.
+        update_steps: [U] int64, the step ``t`` of each update (counted from the
+            last trainer-level reset).
+        grads: with ``return_grads=True``, a list of U dicts ``{name: array}``
+            (model dtype), each update's gradient before clipping; else None.
+        outputs: with ``return_outputs=True``, [T, B, O] readout outputs of the
+            forward pass (model dtype); else None.
+    """
+
+    losses: np.ndarray
+    update_steps: np.ndarray
+    grads: list[dict[str, np.ndarray]] | None = None
+    outputs: np.ndarray | None = None
+
+
+class Trainer:
+    """Trains a :class:`Model` with truncated backpropagation through time, TBPTT(k1, k2).
+
+    Every ``k1`` steps (and on a flush) it backpropagates the loss of the steps
+    since the previous update through the last ``k2`` steps, clips, and takes
+    one optimizer step; the forward state carries on (stateful TBPTT).
+
+    Args:
+        model: the :class:`Model` to train; its parameters are updated in place.
+        k1: steps between updates (int >= 1).
+        k2: steps the gradient flows back through (int >= 1); defaults to ``k1``;
+            ``None`` is unbounded (back to the last trainer-level reset).
+        loss: "mse" or "cross_entropy".
+        optimizer: :class:`SGD` or :class:`Adam`; default ``SGD(lr=0.01)``.
+        clip_grad_norm: None, or a max global 2-norm (> 0), as
+            ``torch.nn.utils.clip_grad_norm_``.
+        overlap: "stored" (backward through the stored activations with the
+            current weights) or "recompute" (re-run the window's forward with
+            the current weights); they differ only when k2 > k1.
+        backend: "cpu" (default, C++), "numpy" (the reference) or "cuda".
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        k1: int,
+        k2: int | None = _K1,
+        loss: str = "mse",
+        optimizer: SGD | Adam | None = None,
+        clip_grad_norm: float | None = None,
+        overlap: str = "stored",
+        backend: str = "cpu",
+    ):
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a tbptt_fast.Model, got {type(model).__name__}")
+        self.k1 = V.check_k("k1", k1)
+        self.k2 = self.k1 if k2 is _K1 else V.check_k("k2", k2, allow_none=True)
+        self.loss = V.check_choice("loss", loss, LOSSES)
+        self.overlap = V.check_choice("overlap", overlap, OVERLAPS)
+        self.backend = V.check_choice("backend", backend, BACKENDS)
+        if optimizer is None:
+            optimizer = SGD(lr=0.01)
+        if not isinstance(optimizer, (SGD, Adam)):
+            raise TypeError(
+                f"optimizer must be tbptt_fast.SGD or tbptt_fast.Adam, got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        if clip_grad_norm is not None:
+            if isinstance(clip_grad_norm, bool) or not isinstance(
+                clip_grad_norm, (int, float, np.integer, np.floating)
+            ):
+                raise TypeError(
+                    f"clip_grad_norm must be a positive number or None, "
+                    f"got {type(clip_grad_norm).__name__}"
+                )
+            if not (np.isfinite(clip_grad_norm) and clip_grad_norm > 0):
+                raise ValueError(
+                    f"clip_grad_norm must be a positive finite number or None, got {clip_grad_norm}"
+                )
+            clip_grad_norm = float(clip_grad_norm)
+        self.clip_grad_norm = clip_grad_norm
+        self.model = model
+        config = {
+            "cell": model.cell,
+            "input_size": model.input_size,
+            "hidden_size": model.hidden_size,
+            "output_size": model.output_size,
+            "num_layers": model.num_layers,
+            "dtype": model.dtype,
+            "k1": self.k1,
+            "k2": 0 if self.k2 is None else self.k2,
+            "loss": self.loss,
+            "overlap": self.overlap,
+            "clip": -1.0 if clip_grad_norm is None else clip_grad_norm,
+            "capacity": 0,
+            **optimizer.config(),
+        }
+        self._checked_version = None
+        self._check_params()
+        self._engine = make_engine(self.backend, config, model.param_list())
+        self._batch = None  # batch size of the stream, once known
+        model._trainers.add(self)
+
+    # -- validation ---------------------------------------------------------------
+    def _check_params(self) -> None:
+        """Refuse non-finite parameters (checked again only after load_state_dict)."""
+        if self._checked_version == self.model._version:
+            return
+        for name, p in zip(
+            param_names(self.model.num_layers), self.model.param_list(), strict=True
+        ):
+            if not np.all(np.isfinite(p)):
+                raise ValueError(f"parameter {name} must be finite, found NaN or Inf")
+        self._checked_version = self.model._version
+
+    def _check_data(self, x, target, mask, resets, *, step: bool):
+        """Validate and convert one call's data; returns engine-ready arrays."""
+        m = self.model
+        if step:
+            xs, lead = ("x_t", "target_t", "mask_t", "reset_t"), ("B",)
+        else:
+            xs, lead = ("x", "target", "mask", "resets"), ("T", "B")
+        x_name, t_name, m_name, r_name = xs
+        xa = V.float_array(x_name, x, (*(None,) * len(lead), m.input_size), (*lead, "D"), m.dtype)
+        lead_shape = xa.shape[: len(lead)]
+        mask_b = V.flag_array(m_name, mask, lead_shape, lead)
+        reset_b = V.flag_array(r_name, resets, lead_shape, lead)
+        read = np.ones(lead_shape, bool) if mask_b is None else mask_b
+        if self.loss == "mse":
+            ta = V.float_array(
+                t_name,
+                target,
+                (*lead_shape, m.output_size),
+                (*lead, "O"),
+                m.dtype,
+                finite_where=read[..., None],
+            )
+            ta = np.where(read[..., None], ta, 0).astype(m.dtype)
+        else:
+            ta = V.class_target(t_name, target, lead_shape, lead, m.output_size, read)
+        if step:  # add the time axis
+            xa, ta, read = xa[None], ta[None], read[None]
+            reset_b = None if reset_b is None else reset_b[None]
+        resets_u8 = np.zeros(read.shape, np.uint8) if reset_b is None else reset_b.astype(np.uint8)
+        return (
+            np.ascontiguousarray(xa),
+            np.ascontiguousarray(ta),
+            np.ascontiguousarray(read, dtype=m.dtype),
+            np.ascontiguousarray(resets_u8),
+        )
+
+    def _check_batch(self, batch: int, name: str) -> None:
+        if self._batch is not None and batch != self._batch:
+            raise ValueError(
+                f"{name} has batch size {batch} but the stream has {self._batch}; "
+                "call reset_state() (or pass initial_state) before changing the batch size"
+            )
+
+    def _run(self, fn, *args):
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            if str(e).startswith("non-finite"):
+                raise NonFiniteError(
+                    f"{e}; parameters and optimizer state are as before that update"
+                ) from None
+            raise
+
+    # -- public API ---------------------------------------------------------------
+    def fit(
+        self,
+        x,
+        target,
+        mask=None,
+        resets=None,
+        initial_state=None,
+        flush: bool = True,
+        return_grads: bool = False,
+        return_outputs: bool = False,
+    ) -> FitResult:
+        """Train on a sequence, carrying the state, step count and pending block on.
+
+        Args:
+            x: [T, B, D] floating input (cast to the model dtype).
+            target: mse: [T, B, O] floating; cross_entropy: [T, B] integer class
+                indices in [0, O) (not read where mask is 0).
+            mask: optional [T, B] bool/numeric, nonzero = has a target.
+            resets: optional [T, B] bool/numeric, nonzero = the state entering
+                that step of that element is replaced by the initial state.
+            initial_state: optional; a trainer-level reset to this state first
+                (per layer ``h`` [B, H] or ``(h, c)``, or PyTorch's ``h0``
+                [L, B, H] / ``(h0, c0)``). Discards a pending block.
+            flush: update on the pending partial block at the end (default True).
+            return_grads, return_outputs: also return each update's gradient
+                (before clipping) / the readout outputs [T, B, O].
+
+        Everything is validated before the first step; on a validation error
+        nothing changes. A non-finite loss or gradient raises
+        :class:`NonFiniteError` naming the update step.
+        """
+        xa, ta, ma, ra = self._check_data(x, target, mask, resets, step=False)
+        batch = xa.shape[1]
+        init = None
+        if initial_state is not None:
+            init = V.initial_state(initial_state, self.model, batch)
+        else:
+            self._check_batch(batch, "x")
+        self._check_params()
+        if init is not None:
+            self._engine.reset(init)
+        self._batch = batch
+        losses, steps, grads, outputs = self._run(
+            self._engine.run, xa, ta, ma, ra, bool(flush), bool(return_grads), bool(return_outputs)
+        )
+        return FitResult(
+            losses=np.asarray(losses, dtype=np.float64),
+            update_steps=np.asarray(steps, dtype=np.int64),
+            grads=self._named(grads) if return_grads else None,
+            outputs=outputs if return_outputs else None,
+        )
+
+    def step(self, x_t, target_t, mask_t=None, reset_t=None) -> float | None:
+        """Streaming: run one step; returns the update's loss if one happened, else None.
+
+        x_t [B, D]; target_t [B, O] (mse) or [B] integers (cross_entropy);
+        mask_t, reset_t optional [B] bool/numeric.
+        """
+        xa, ta, ma, ra = self._check_data(x_t, target_t, mask_t, reset_t, step=True)
+        self._check_batch(xa.shape[1], "x_t")
+        self._check_params()
+        self._batch = xa.shape[1]
+        losses, _, _, _ = self._run(self._engine.run, xa, ta, ma, ra, False, False, False)
+        return float(losses[0]) if len(losses) else None
+
+    def flush(self) -> float | None:
+        """Update on the pending partial block; returns its loss, or None if nothing was pending."""
+        self._check_params()
+        losses, _, _, _ = self._run(self._engine.flush, False)
+        return float(losses[0]) if len(losses) else None
+
+    def reset_state(self, initial_state=None) -> None:
+        """Trainer-level reset: step count 0, pending block and history discarded,
+        state back to ``initial_state`` (zeros if None). The optimizer state is kept."""
+        init = None
+        if initial_state is not None:
+            init = V.initial_state(initial_state, self.model, None)
+        self._engine.reset(init)
+        self._batch = None if init is None else init[0].shape[0]
+
+    @property
+    def state(self):
+        """The forward state: a list with one entry per layer, ``h`` [B, H] or
+        ``(h, c)`` for lstm (copies); None before the first step after a reset
+        without an initial state."""
+        flat = self._engine.state()
+        if flat is None:
+            return None
+        if self.model.cell == "lstm":
+            return [(flat[2 * k], flat[2 * k + 1]) for k in range(self.model.num_layers)]
+        return list(flat)
+
+    @property
+    def step_count(self) -> int:
+        """Steps since the last trainer-level reset."""
+        return int(self._engine.step_count)
+
+    @property
+    def pending(self) -> int:
+        """Steps since the previous update (the pending block's length)."""
+        return int(self._engine.pending)
+
+    def _named(self, grads):
+        names = param_names(self.model.num_layers)
+        return [dict(zip(names, g, strict=True)) for g in grads]
+
+    def __repr__(self) -> str:
+        return (
+            f"Trainer({self.model!r}, k1={self.k1}, k2={self.k2}, loss={self.loss!r}, "
+            f"optimizer={self.optimizer!r}, clip_grad_norm={self.clip_grad_norm}, "
+            f"overlap={self.overlap!r}, backend={self.backend!r})"
+        )
