@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+
 import tbptt_fast as tb
 
 # CI sets this so that a broken native build fails instead of skipping.

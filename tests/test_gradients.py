@@ -13,7 +13,9 @@ import functools
 
 import numpy as np
 import pytest
+
 import tbptt_fast as tb
+
 from conftest import make_data
 from independent import block_loss, fd_gradient, record, window_w
 
