@@ -133,6 +133,7 @@ class Trainer:
         }
         self._checked_version = None
         self._check_params()
+        self._config = config
         self._engine = make_engine(self.backend, config, model.param_list())
         self._batch = None  # batch size of the stream, once known
         model._trainers.add(self)

@@ -1,0 +1,150 @@
+"""Randomised battery: every native backend against the NumPy reference (SPEC section 4).
+
+Hypothesis draws configurations (seeded, so a run is reproducible) and the
+native engine must agree with ``backend="numpy"`` on losses, update steps,
+per-update gradients, outputs, final parameters and final state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tbptt_fast as tb
+
+from conftest import TOL, assert_close, make_data
+
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+
+
+@st.composite
+def configs(draw):
+    k1 = draw(st.integers(1, 6))
+    return dict(
+        cell=draw(st.sampled_from(CELLS)),
+        L=draw(st.integers(1, 3)),
+        D=draw(st.integers(1, 4)),
+        H=draw(st.sampled_from([1, 2, 3, 5, 8])),
+        O=draw(st.integers(1, 4)),
+        B=draw(st.integers(1, 4)),
+        T=draw(st.integers(1, 14)),
+        k1=k1,
+        k2=draw(st.one_of(st.none(), st.integers(1, 9))),
+        loss=draw(st.sampled_from(["mse", "cross_entropy"])),
+        overlap=draw(st.sampled_from(["stored", "recompute"])),
+        dtype=draw(st.sampled_from(["float32", "float64"])),
+        mask_p=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        reset_p=draw(st.sampled_from([0.0, 0.2])),
+        opt=draw(st.sampled_from(["sgd", "momentum", "nesterov", "adam"])),
+        clip=draw(st.sampled_from([None, 0.1, 10.0])),
+        init=draw(st.booleans()),
+        split=draw(st.integers(0, 14)),
+        flush=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def _optimizer(name):
+    return {
+        "sgd": tb.SGD(lr=0.1),
+        "momentum": tb.SGD(lr=0.05, momentum=0.9, weight_decay=0.01),
+        "nesterov": tb.SGD(lr=0.05, momentum=0.5, nesterov=True),
+        "adam": tb.Adam(lr=0.01, weight_decay=0.001),
+    }[name]
+
+
+def _train(backend, c):
+    if c["loss"] == "cross_entropy" and c["O"] < 2:
+        c = {**c, "O": 2}
+    x, target, mask, resets = make_data(
+        c["seed"], c["T"], c["B"], c["D"], c["O"], c["loss"], c["mask_p"], c["reset_p"]
+    )
+    model = tb.Model(c["cell"], c["D"], c["H"], c["O"], c["L"], dtype=c["dtype"], seed=c["seed"])
+    tr = tb.Trainer(
+        model,
+        k1=c["k1"],
+        k2=c["k2"],
+        loss=c["loss"],
+        optimizer=_optimizer(c["opt"]),
+        clip_grad_norm=c["clip"],
+        overlap=c["overlap"],
+        backend=backend,
+    )
+    init = None
+    if c["init"]:
+        rng = np.random.default_rng(c["seed"] + 1)
+        h0 = rng.normal(size=(c["L"], c["B"], c["H"]))
+        init = (h0, rng.normal(size=h0.shape)) if c["cell"] == "lstm" else h0
+    cut = min(c["split"], c["T"] - 1)
+    results = []
+    for lo, hi, last in ((0, cut, False), (cut, c["T"], True)):
+        if hi <= lo:
+            continue
+        results.append(
+            tr.fit(
+                x[lo:hi],
+                target[lo:hi],
+                mask=mask[lo:hi],
+                resets=resets[lo:hi],
+                initial_state=init if lo == 0 else None,
+                flush=c["flush"] if last else False,
+                return_grads=True,
+                return_outputs=True,
+            )
+        )
+    return tr, results
+
+
+def _flat(state):
+    return [a for e in state for a in (e if isinstance(e, tuple) else (e,))]
+
+
+def _compare(backend, c):
+    ref, ref_res = _train("numpy", c)
+    got, got_res = _train(backend, c)
+    tol = TOL[c["dtype"]]
+    for a, b in zip(got_res, ref_res, strict=True):
+        np.testing.assert_array_equal(a.update_steps, b.update_steps)
+        assert_close(a.losses, b.losses, tol, "losses")
+        assert_close(a.outputs, b.outputs, tol, "outputs")
+        for u, (ga, gb) in enumerate(zip(a.grads, b.grads, strict=True)):
+            for k in gb:
+                assert_close(ga[k], gb[k], tol, f"update {u} grad {k}")
+    for k, v in ref.model.state_dict().items():
+        assert_close(got.model.state_dict()[k], v, tol, f"param {k}")
+    for a, b in zip(_flat(got.state), _flat(ref.state), strict=True):
+        assert_close(a, b, tol, "state")
+    assert got.step_count == ref.step_count and got.pending == ref.pending
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(c=configs())
+def test_native_matches_reference(native_backend, c):
+    _compare(native_backend, c)
+
+
+@pytest.mark.parametrize("k1,k2", [(2, 5), (5, 2), (3, None)])
+def test_ring_capacity_does_not_change_results(native_backend, k1, k2):
+    """A ring of the default capacity equals one twice as large."""
+    from tbptt_fast._backend import make_engine
+
+    x, target, mask, resets = make_data(3, 17, 2, 3, 2, "mse", 0.2, 0.1)
+    outs = []
+    for factor in (0, 2):
+        model = tb.Model("lstm", 3, 4, 2, 2, dtype="float64", seed=3)
+        tr = tb.Trainer(model, k1=k1, k2=k2, optimizer=tb.SGD(lr=0.1), backend=native_backend)
+        if factor:
+            cfg = {**tr._config, "capacity": factor * max(k1, k2 or 1) + 3}
+            tr._engine = make_engine(native_backend, cfg, model.param_list())
+        outs.append((tr.fit(x, target, mask=mask, resets=resets, return_grads=True), model))
+    (a, ma), (b, mb) = outs
+    np.testing.assert_array_equal(a.losses, b.losses)
+    for k, v in ma.state_dict().items():
+        np.testing.assert_array_equal(mb.state_dict()[k], v)

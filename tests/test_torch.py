@@ -1,0 +1,165 @@
+"""Against PyTorch (optional): torch.nn.LSTM/GRU/RNN + torch.nn.Linear, trained the usual way.
+
+Skipped cleanly when torch is not installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tbptt_fast as tb
+
+from conftest import assert_close, make_data
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
+
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+
+
+def _torch_model(cell, D, H, O, L, sd):
+    if cell == "lstm":
+        rnn = torch.nn.LSTM(D, H, L, dtype=torch.float64)
+    elif cell == "gru":
+        rnn = torch.nn.GRU(D, H, L, dtype=torch.float64)
+    else:
+        rnn = torch.nn.RNN(D, H, L, nonlinearity=cell[4:], dtype=torch.float64)
+    lin = torch.nn.Linear(H, O, dtype=torch.float64)
+    rnn.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in sd.items() if not k.startswith("readout")}
+    )
+    lin.load_state_dict(
+        {k[8:]: torch.from_numpy(v) for k, v in sd.items() if k.startswith("readout")}
+    )
+    return rnn, lin
+
+
+def _block_loss(y, target, mask, loss):
+    m = torch.from_numpy(mask.astype(np.float64))
+    if loss == "mse":
+        per = ((y - torch.from_numpy(target)) ** 2).mean(-1)
+    else:
+        logp = torch.log_softmax(y, -1)
+        per = -logp.gather(-1, torch.from_numpy(target)[..., None])[..., 0]
+    return (per * m).sum() / max(1.0, float(m.sum()))
+
+
+def _detach(h):
+    return tuple(a.detach() for a in h) if isinstance(h, tuple) else h.detach()
+
+
+def _grads(rnn, lin):
+    g = {k: p.grad.numpy().copy() for k, p in rnn.named_parameters()}
+    g["readout.weight"] = lin.weight.grad.numpy().copy()
+    g["readout.bias"] = lin.bias.grad.numpy().copy()
+    return g
+
+
+def _params(rnn, lin):
+    p = {k: v.detach().numpy().copy() for k, v in rnn.named_parameters()}
+    p["readout.weight"] = lin.weight.detach().numpy().copy()
+    p["readout.bias"] = lin.bias.detach().numpy().copy()
+    return p
+
+
+def _compare(res, model, losses, grads, params):
+    assert_close(res.losses, losses, 1e-10, "losses")
+    assert len(res.grads) == len(grads)
+    for u, (a, b) in enumerate(zip(res.grads, grads, strict=True)):
+        for k in b:
+            assert_close(a[k], b[k], 1e-10, f"update {u} grad {k}")
+    got = model.state_dict()
+    for k in params:
+        assert_close(got[k], params[k], 1e-10, f"param {k}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_detach_every_k_loop(backend, cell, loss):
+    """TBPTT(k, k): the usual PyTorch loop (carry the state, detach every k steps)."""
+    T, B, D, H, O, L, k = 10, 3, 2, 4, 3, 2, 4
+    x, target, mask, _ = make_data(0, T, B, D, O, loss, mask_p=0.2)
+    model = tb.Model(cell, D, H, O, num_layers=L, dtype="float64", seed=0)
+    rnn, lin = _torch_model(cell, D, H, O, L, model.state_dict())
+    opt = torch.optim.SGD([*rnn.parameters(), *lin.parameters()], lr=0.1, momentum=0.9)
+    h, losses, grads = None, [], []
+    for lo in range(0, T, k):
+        hi = min(T, lo + k)
+        out, h = rnn(torch.from_numpy(x[lo:hi]), h)
+        block = _block_loss(lin(out), target[lo:hi], mask[lo:hi], loss)
+        opt.zero_grad()
+        block.backward()
+        losses.append(block.item())
+        grads.append(_grads(rnn, lin))
+        opt.step()
+        h = _detach(h)
+    tr = tb.Trainer(model, k1=k, loss=loss, optimizer=tb.SGD(lr=0.1, momentum=0.9), backend=backend)
+    res = tr.fit(x, target, mask=mask, return_grads=True)
+    _compare(res, model, losses, grads, _params(rnn, lin))
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(2, 5), (1, 4), (3, 3)])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_overlapping_windows_recompute(backend, cell, k1, k2):
+    """k1 < k2 done correctly in PyTorch: re-run the forward from the stored
+    detached state at step w over the stored inputs; Adam and clipping too."""
+    T, B, D, H, O, L = 11, 2, 3, 3, 2, 2
+    x, target, mask, _ = make_data(1, T, B, D, O, "mse", mask_p=0.1)
+    model = tb.Model(cell, D, H, O, num_layers=L, dtype="float64", seed=1)
+    rnn, lin = _torch_model(cell, D, H, O, L, model.state_dict())
+    opt = torch.optim.Adam([*rnn.parameters(), *lin.parameters()], lr=0.05, weight_decay=0.01)
+    zeros = torch.zeros(L, B, H, dtype=torch.float64)
+    states = {0: (zeros, zeros) if cell == "lstm" else zeros}
+    ys, losses, grads, t_prev = {}, [], [], 0
+    for t in range(1, T + 1):
+        with torch.no_grad():  # the real forward pass, at the weights of its time
+            out, states[t] = rnn(torch.from_numpy(x[t - 1 : t]), states[t - 1])
+            ys[t] = lin(out)[0]
+        if t - t_prev == k1 or t == T:
+            w = max(0, t - k2, t_prev - max(0, k2 - k1))
+            out, _ = rnn(torch.from_numpy(x[w:t]), states[w])
+            block = _block_loss(lin(out[t_prev - w :]), target[t_prev:t], mask[t_prev:t], "mse")
+            with torch.no_grad():
+                real = torch.stack([ys[s] for s in range(t_prev + 1, t + 1)])
+                losses.append(_block_loss(real, target[t_prev:t], mask[t_prev:t], "mse").item())
+            opt.zero_grad()
+            block.backward()
+            grads.append(_grads(rnn, lin))
+            torch.nn.utils.clip_grad_norm_([*rnn.parameters(), *lin.parameters()], 0.5)
+            opt.step()
+            t_prev = t
+    tr = tb.Trainer(
+        model,
+        k1=k1,
+        k2=k2,
+        optimizer=tb.Adam(lr=0.05, weight_decay=0.01),
+        clip_grad_norm=0.5,
+        overlap="recompute",
+        backend=backend,
+    )
+    res = tr.fit(x, target, mask=mask, return_grads=True)
+    _compare(res, model, losses, grads, _params(rnn, lin))
+
+
+def test_loads_a_torch_state_dict_and_initial_state(backend):
+    T, B, D, H, O, L = 5, 2, 3, 4, 2, 2
+    rnn = torch.nn.LSTM(D, H, L, dtype=torch.float64)
+    lin = torch.nn.Linear(H, O, dtype=torch.float64)
+    sd = {**rnn.state_dict(), **{f"readout.{k}": v for k, v in lin.state_dict().items()}}
+    model = tb.Model("lstm", D, H, O, num_layers=L, dtype="float64")
+    model.load_state_dict(sd)  # torch tensors, as they come
+    for k, v in sd.items():
+        np.testing.assert_array_equal(model.state_dict()[k], v.numpy())
+    x, target, _, _ = make_data(2, T, B, D, O, "mse")
+    h0 = torch.randn(L, B, H, dtype=torch.float64)
+    c0 = torch.randn(L, B, H, dtype=torch.float64)
+    with torch.no_grad():
+        out, (hT, cT) = rnn(torch.from_numpy(x), (h0, c0))
+        y = lin(out).numpy()
+    tr = tb.Trainer(model, k1=100, optimizer=tb.SGD(lr=0.0), backend=backend)
+    res = tr.fit(x, target, initial_state=(h0, c0), return_outputs=True, flush=False)
+    assert_close(res.outputs, y, 1e-10, "outputs")
+    for k in range(L):
+        assert_close(tr.state[k][0], hT[k].numpy(), 1e-10, "h")
+        assert_close(tr.state[k][1], cT[k].numpy(), 1e-10, "c")
