@@ -107,7 +107,12 @@ def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
     L, H, lstm = model.num_layers, model.hidden_size, model.cell == "lstm"
     name = "initial_state"
     torch_form = None
-    if lstm and isinstance(value, tuple) and len(value) == 2:
+    if (
+        lstm
+        and isinstance(value, (tuple, list))
+        and len(value) == 2
+        and not any(isinstance(v, (tuple, list)) for v in value)
+    ):
         parts = [_to_numpy(v) for v in value]
         if all(p.ndim == 3 for p in parts):
             torch_form = parts
