@@ -1,0 +1,118 @@
+"""The benchmark peers compute what tbptt_fast computes, and the bench command runs.
+
+Fast (a few seconds): small models; the torch peers skip when torch is absent and the
+cpu rows when the native module is not built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import tbptt_fast as tb
+from tbptt_fast import bench
+from tbptt_fast.bench import harness
+from tbptt_fast.bench.harness import Config
+from tbptt_fast.bench.peers import TextbookTBPTT
+
+CELLS = ["rnn_tanh", "lstm", "gru"]
+KS = [(4, 4), (3, 7), (1, 4), (5, 2)]
+
+
+def _ids(ks):
+    return [f"k{k1}_{k2}" for k1, k2 in ks]
+
+
+@pytest.mark.parametrize("k1,k2", KS, ids=_ids(KS))
+@pytest.mark.parametrize("cell", CELLS)
+def test_textbook_matches_numpy_reference(cell, k1, k2):
+    res = harness.check_impl("textbook", Config(cell, 6, 3, k1, k2, out=3))
+    assert res["ok"], res["message"]
+    assert res["err64"] <= 1e-8 and res["err32"] <= 1e-4
+
+
+def test_check_catches_a_wrong_window(monkeypatch):
+    class ShortWindow(TextbookTBPTT):
+        def __init__(self, cell, params, k1, k2=None, **kw):
+            super().__init__(cell, params, k1, k2 - 1, **kw)
+
+    wrong = dataclasses.replace(harness.IMPLS["textbook"], build=harness._peer(ShortWindow))
+    monkeypatch.setitem(harness.IMPLS, "textbook", wrong)
+    res = harness.check_impl("textbook", Config("lstm", 6, 2, 3, 7, out=3))
+    assert not res["ok"]
+    assert "disagrees with tbptt_fast numpy" in res["message"]
+
+
+TORCH_CASES = [
+    ("torch-seq", 4, 4),
+    ("torch-cell", 4, 4),
+    ("torch-recompute", 3, 7),
+    ("torch-recompute", 4, 8),
+    ("torch-recompute", 1, 4),
+]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("impl,k1,k2", TORCH_CASES, ids=[f"{i}-{a}_{b}" for i, a, b in TORCH_CASES])
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_peers_match_numpy_reference(cell, impl, k1, k2):
+    pytest.importorskip("torch")
+    res = harness.check_impl(impl, Config(cell, 6, 3, k1, k2, out=3))
+    assert res["ok"], res["message"]
+
+
+@pytest.mark.parametrize("impl,k1,k2", [("cpu", 4, 4), ("cpu", 3, 7), ("cpu-recompute", 3, 7)])
+def test_cpu_backend_matches_numpy_reference(impl, k1, k2):
+    if not tb.native_available():
+        pytest.skip("the native module tbptt_fast._core is not built")
+    res = harness.check_impl(impl, Config("lstm", 6, 3, k1, k2, out=3))
+    assert res["ok"], res["message"]
+
+
+def test_flops_definition():
+    # lstm, one layer: forward 2*B*(D+H)*4H, trained as 3x forward when k1 == k2
+    cfg = Config("lstm", 64, 8, 16, 16, out=16)
+    fwd = 2 * 8 * 128 * 4 * 64
+    assert harness.flops_per_step(cfg) == 3 * fwd + 3 * 2 * 8 * 64 * 16
+    assert harness.flops_per_step(dataclasses.replace(cfg, k2=64)) == 9 * fwd + 3 * 2 * 8 * 64 * 16
+
+
+def test_tiny_run_has_documented_keys():
+    result = harness.run(
+        [Config("lstm", 8, 2, 4, 4)],
+        ["numpy", "textbook"],
+        repeats=2,
+        sample_s=0.01,
+        max_retries=0,
+        log=lambda msg: None,
+    )
+    assert set(result) == {"machine", "gemm", "rows", "targets"}
+    assert result["gemm"]["1"]["gflops"] > 0
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert rows["numpy"]["status"] == "ok" and rows["textbook"]["status"] == "ok"
+    for r in rows.values():
+        assert set(r) <= set(harness.RESULT_KEYS)
+        assert len(r["samples_s"]) == 2 and r["throughput"] > 0 and r["gflops"] > 0
+        assert 0 < r["gemm_fraction"] < 2
+    assert rows["textbook"]["vs_textbook"] == 1.0
+
+
+def test_cli_tiny(tmp_path):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--tiny", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert {"machine", "gemm", "rows", "targets"} <= set(result)
+    ok = [r for r in result["rows"] if r["status"] == "ok"]
+    assert {"numpy", "textbook"} <= {r["impl"] for r in ok}
+    assert not [r for r in result["rows"] if r["status"] == "check_failed"]
+
+
+def test_targets_evaluate():
+    rows = [
+        {**Config("lstm", 64, 8, 16, 16).key(), "impl": impl, "status": "ok", "throughput": v}
+        for impl, v in [("cpu", 700.0), ("numpy", 100.0)]
+    ]
+    (t,) = harness.evaluate_targets(rows)
+    assert t["target"] == "cpu >= 6x numpy" and t["pass"] and t["value"] == 7.0
