@@ -157,7 +157,9 @@ def test_reset_state_discards_the_block_and_keeps_the_optimizer(backend):
     a.fit(x[:5], target[:5], flush=False)  # one update, 2 steps pending
     b.fit(x[:3], target[:3], flush=False)  # the same update
     a.reset_state()
-    assert a.step_count == 0 and a.pending == 0 and a.state is None
+    assert a.step_count == 0 and a.pending == 0
+    assert all(np.all(v == 0) for v in _flat_state(a)) and a.state[0][0].shape == (2, 3)
+    assert _trainer(backend).state is None  # no batch size known yet
     b.reset_state()
     ra, rb = a.fit(x, target), b.fit(x, target)
     assert_close(ra.losses, rb.losses, 1e-12)

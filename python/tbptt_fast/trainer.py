@@ -136,6 +136,7 @@ class Trainer:
         self._config = config
         self._engine = make_engine(self.backend, config, model.param_list())
         self._batch = None  # batch size of the stream, once known
+        self._last_batch = None  # the last batch size seen, kept across resets
         model._trainers.add(self)
 
     # -- validation ---------------------------------------------------------------
@@ -245,7 +246,7 @@ class Trainer:
         self._check_params()
         if init is not None:
             self._engine.reset(init)
-        self._batch = batch
+        self._batch = self._last_batch = batch
         losses, steps, grads, outputs = self._run(
             self._engine.run, xa, ta, ma, ra, bool(flush), bool(return_grads), bool(return_outputs)
         )
@@ -265,7 +266,7 @@ class Trainer:
         xa, ta, ma, ra = self._check_data(x_t, target_t, mask_t, reset_t, step=True)
         self._check_batch(xa.shape[1], "x_t")
         self._check_params()
-        self._batch = xa.shape[1]
+        self._batch = self._last_batch = xa.shape[1]
         losses, _, _, _ = self._run(self._engine.run, xa, ta, ma, ra, False, False, False)
         return float(losses[0]) if len(losses) else None
 
@@ -283,15 +284,22 @@ class Trainer:
             init = V.initial_state(initial_state, self.model, None)
         self._engine.reset(init)
         self._batch = None if init is None else init[0].shape[0]
+        if init is not None:
+            self._last_batch = self._batch
 
     @property
     def state(self):
         """The forward state: a list with one entry per layer, ``h`` [B, H] or
-        ``(h, c)`` for lstm (copies); None before the first step after a reset
-        without an initial state."""
+        ``(h, c)`` for lstm (copies). After ``reset_state()`` without an initial
+        state it is zeros of the last batch size seen; None before any batch
+        size is known (a new trainer that has not stepped)."""
         flat = self._engine.state()
         if flat is None:
-            return None
+            if self._last_batch is None:
+                return None
+            shape = (self._last_batch, self.model.hidden_size)
+            n = 2 * self.model.num_layers if self.model.cell == "lstm" else self.model.num_layers
+            flat = [np.zeros(shape, self.model.dtype) for _ in range(n)]
         if self.model.cell == "lstm":
             return [(flat[2 * k], flat[2 * k + 1]) for k in range(self.model.num_layers)]
         return list(flat)
