@@ -54,12 +54,16 @@ def float_array(name, value, expected, labels, dtype, *, finite_where=None) -> n
     _check_shape(name, a, expected, labels)
     if 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
-    ok = np.isfinite(a)
-    if finite_where is not None:
-        ok |= ~finite_where
-    if not np.all(ok):
-        bad = tuple(int(i) for i in np.argwhere(~ok)[0])
-        raise ValueError(f"{name} must be finite, found {a[bad]} at index {list(bad)}")
+    # in slices along the first axis, so a long sequence needs no full-size temporary
+    step = max(1, (1 << 20) // max(1, a[0].size))
+    for lo in range(0, a.shape[0], step):
+        ok = np.isfinite(a[lo : lo + step])
+        if finite_where is not None:
+            ok |= ~finite_where[lo : lo + step]
+        if not ok.all():
+            bad = tuple(int(i) for i in np.argwhere(~ok)[0])
+            bad = (bad[0] + lo, *bad[1:])
+            raise ValueError(f"{name} must be finite, found {a[bad]} at index {list(bad)}")
     return np.ascontiguousarray(a, dtype=dtype)
 
 

@@ -173,7 +173,8 @@ class Trainer:
                 m.dtype,
                 finite_where=read[..., None],
             )
-            ta = np.where(read[..., None], ta, 0).astype(m.dtype)
+            if mask_b is not None and not mask_b.all():  # unread targets may hold NaN
+                ta = np.where(read[..., None], ta, 0).astype(m.dtype)
         else:
             ta = V.class_target(t_name, target, lead_shape, lead, m.output_size, read)
         if step:  # add the time axis
