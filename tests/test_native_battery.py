@@ -148,3 +148,47 @@ def test_ring_capacity_does_not_change_results(native_backend, k1, k2):
     np.testing.assert_array_equal(a.losses, b.losses)
     for k, v in ma.state_dict().items():
         np.testing.assert_array_equal(mb.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_relu"])
+@pytest.mark.parametrize(
+    ("k1", "k2", "overlap"),
+    [
+        (3, None, "stored"),
+        (7, None, "recompute"),
+        (5, 40, "stored"),
+        (40, 5, "recompute"),
+        (1, 9, "recompute"),
+    ],
+)
+def test_long_streams_wrap_the_ring(native_backend, cell, k1, k2, overlap):
+    """Hundreds of steps over several fit calls: the ring wraps (or grows) many times."""
+    T, B, D, H, O = 300, 3, 4, 6, 2
+    x, target, mask, resets = make_data(17, T, B, D, O, "mse", mask_p=0.2, reset_p=0.03)
+    out = []
+    for backend in ("numpy", native_backend):
+        model = tb.Model(cell, D, H, O, num_layers=2, dtype="float64", seed=1)
+        tr = tb.Trainer(
+            model,
+            k1=k1,
+            k2=k2,
+            optimizer=tb.Adam(lr=0.01),
+            clip_grad_norm=1.0,
+            overlap=overlap,
+            backend=backend,
+        )
+        losses = [
+            tr.fit(
+                x[i : i + 50],
+                target[i : i + 50],
+                mask=mask[i : i + 50],
+                resets=resets[i : i + 50],
+                flush=i == 250,
+            ).losses
+            for i in range(0, T, 50)
+        ]
+        out.append((np.concatenate(losses), model.state_dict()))
+    (ref_l, ref_p), (got_l, got_p) = out
+    assert_close(got_l, ref_l, TOL["float64"], "losses")
+    for k, v in ref_p.items():
+        assert_close(got_p[k], v, TOL["float64"], k)
