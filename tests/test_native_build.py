@@ -288,6 +288,31 @@ def test_engine_matches_reference_options(kw, run_kw, dtype):
     run_both(make_config(dtype=dtype, **kw), **run_kw)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "cell,H,B,threads",
+    [("lstm", 16, 5, 1), ("lstm", 48, 13, 1), ("lstm", 32, 32, 1), ("lstm", 16, 33, 1),
+     ("gru", 48, 8, 1), ("gru", 32, 19, 1), ("rnn_tanh", 48, 7, 1), ("rnn_relu", 32, 32, 1),
+     ("lstm", 128, 32, 2), ("gru", 144, 24, 2), ("lstm", 80, 40, 2)],
+)  # fmt: skip
+def test_engine_matches_reference_kernel_sizes(cell, H, B, threads, dtype):
+    # Sizes that take the CPU engine's own per-step GEMM kernel with packed or
+    # transposed W_hh (batch <= 32, widths a multiple of 16, row and 16-column
+    # remainder tiles; k1 and run lengths >= 8, short runs keep W_hh as is) or
+    # fall back to OpenBLAS (B > 32), with 2 layers; with 2 threads the per-step
+    # products share panels with the helper thread and the block/window
+    # products run as split single-threaded OpenBLAS calls.
+    cfg = make_config(
+        cell=cell, input_size=24, hidden_size=H, output_size=5, dtype=dtype, k1=8, k2=10
+    )
+    before = _native.get_num_threads()
+    try:
+        _native.set_num_threads(threads)
+        run_both(cfg, T=29, B=B, chunks=(5, 24))
+    finally:
+        _native.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k1,k2,overlap", [(2, 5, "stored"), (3, 7, "recompute"), (5, 2, "stored")])
 def test_ring_capacity_is_bit_identical(k1, k2, overlap):
     """A ring that wraps at other places gives exactly the same numbers."""
