@@ -237,8 +237,11 @@ struct HandleBase {
     } else {
       target = checked(target_obj, "target", py::dtype::of<int64_t>(), {steps, batch});
     }
-    if (!mask_obj.is_none()) mask = checked(mask_obj, "mask", dt, {steps, batch});
-    if (!resets_obj.is_none()) {
+    // A default-constructed py::array is an empty array, not a null handle, so
+    // "given" is tracked separately.
+    const bool has_mask = !mask_obj.is_none(), has_resets = !resets_obj.is_none();
+    if (has_mask) mask = checked(mask_obj, "mask", dt, {steps, batch});
+    if (has_resets) {
       auto r = py::reinterpret_borrow<py::array>(resets_obj);
       TBPTT_CHECK_ARG(py::isinstance<py::array>(resets_obj), "resets must be a numpy array");
       if (!r.dtype().is(py::dtype::of<uint8_t>())) {
@@ -253,7 +256,7 @@ struct HandleBase {
       const auto* lab = static_cast<const int64_t*>(target.data());
       for (int64_t i = 0; i < steps * batch; ++i) {
         bool used = true;
-        if (mask) {
+        if (has_mask) {
           used = cfg.dtype == tbptt::DType::kFloat64
                      ? static_cast<const double*>(mask.data())[i] != 0.0
                      : static_cast<const float*>(mask.data())[i] != 0.0f;
@@ -269,8 +272,8 @@ struct HandleBase {
     in.batch = batch;
     in.x = x.data();
     in.target = target.data();
-    in.mask = mask ? mask.data() : nullptr;
-    in.resets = resets ? static_cast<const uint8_t*>(resets.data()) : nullptr;
+    in.mask = has_mask ? mask.data() : nullptr;
+    in.resets = has_resets ? static_cast<const uint8_t*>(resets.data()) : nullptr;
     in.flush = flush;
     in.return_grads = return_grads;
     if (return_outputs) {
