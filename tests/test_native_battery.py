@@ -43,6 +43,7 @@ def configs(draw):
         split=draw(st.integers(0, 14)),
         flush=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
+        omit=draw(st.booleans()),  # pass mask/resets as None when they say nothing
     )
 
 
@@ -77,6 +78,10 @@ def _train(backend, c):
         rng = np.random.default_rng(c["seed"] + 1)
         h0 = rng.normal(size=(c["L"], c["B"], c["H"]))
         init = (h0, rng.normal(size=h0.shape)) if c["cell"] == "lstm" else h0
+    if c["omit"] and mask.all():
+        mask = None
+    if c["omit"] and not resets.any():
+        resets = None
     cut = min(c["split"], c["T"] - 1)
     results = []
     for lo, hi, last in ((0, cut, False), (cut, c["T"], True)):
@@ -86,8 +91,8 @@ def _train(backend, c):
             tr.fit(
                 x[lo:hi],
                 target[lo:hi],
-                mask=mask[lo:hi],
-                resets=resets[lo:hi],
+                mask=None if mask is None else mask[lo:hi],
+                resets=None if resets is None else resets[lo:hi],
                 initial_state=init if lo == 0 else None,
                 flush=c["flush"] if last else False,
                 return_grads=True,
@@ -192,3 +197,16 @@ def test_long_streams_wrap_the_ring(native_backend, cell, k1, k2, overlap):
     assert_close(got_l, ref_l, TOL["float64"], "losses")
     for k, v in ref_p.items():
         assert_close(got_p[k], v, TOL["float64"], k)
+
+
+def test_omitted_mask_and_resets_equal_explicit_ones(native_backend):
+    """mask=None / resets=None reach the engine as "not given" and mean all ones / none."""
+    x, target, _, _ = make_data(21, 9, 3, 4, 2, "mse")
+    outs = []
+    for explicit in (False, True):
+        model = tb.Model("gru", 4, 16, 2, dtype="float32", seed=2)
+        tr = tb.Trainer(model, k1=4, k2=6, backend=native_backend)
+        kw = dict(mask=np.ones((9, 3)), resets=np.zeros((9, 3))) if explicit else {}
+        outs.append(tr.fit(x, target, return_outputs=True, return_grads=True, **kw))
+    assert_close(outs[0].outputs, outs[1].outputs, 1e-6, "outputs")
+    assert_close(outs[0].losses, outs[1].losses, 1e-6, "losses")

@@ -19,7 +19,8 @@ the engine updates them in place.
   The optimizer state is kept.
 - ``run(x, target, mask, resets, flush, return_grads, return_outputs)`` with
   x [T, B, D], target [T, B, O] (mse) or [T, B] int64 (cross_entropy, 0 where
-  masked), mask [T, B] (0/1, model dtype), resets [T, B] (uint8) returns
+  masked), mask [T, B] (0/1, model dtype) or None (all ones), resets [T, B]
+  (uint8) or None (no resets) returns
   ``(losses [U], update_steps [U] int64, grads (U lists of arrays) or None,
   outputs [T, B, O] or None)``.
 - ``flush(return_grads)``: the same tuple for an update on the pending block.
@@ -383,8 +384,11 @@ class Engine:
 
     def _run(self, x, target, mask, resets, flush, return_grads, return_outputs):
         losses, steps, grads, outputs = [], [], [], []
+        B = x.shape[1]
         for s in range(x.shape[0]):
-            rec = self._step(x[s], target[s], mask[s], resets[s].astype(bool))
+            mask_s = np.ones(B, self.dtype) if mask is None else mask[s]
+            reset_s = np.zeros(B, bool) if resets is None else resets[s].astype(bool)
+            rec = self._step(x[s], target[s], mask_s, reset_s)
             if return_outputs:
                 outputs.append(rec.y)
             if self.pending == self.k1:

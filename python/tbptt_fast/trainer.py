@@ -163,7 +163,8 @@ class Trainer:
         lead_shape = xa.shape[: len(lead)]
         mask_b = V.flag_array(m_name, mask, lead_shape, lead)
         reset_b = V.flag_array(r_name, resets, lead_shape, lead)
-        read = np.ones(lead_shape, bool) if mask_b is None else mask_b
+        # where targets are read; without a mask a broadcast view (no memory)
+        read = np.broadcast_to(np.True_, lead_shape) if mask_b is None else mask_b
         if self.loss == "mse":
             ta = V.float_array(
                 t_name,
@@ -178,15 +179,13 @@ class Trainer:
         else:
             ta = V.class_target(t_name, target, lead_shape, lead, m.output_size, read)
         if step:  # add the time axis
-            xa, ta, read = xa[None], ta[None], read[None]
+            xa, ta = xa[None], ta[None]
+            mask_b = None if mask_b is None else mask_b[None]
             reset_b = None if reset_b is None else reset_b[None]
-        resets_u8 = np.zeros(read.shape, np.uint8) if reset_b is None else reset_b.astype(np.uint8)
-        return (
-            np.ascontiguousarray(xa),
-            np.ascontiguousarray(ta),
-            np.ascontiguousarray(read, dtype=m.dtype),
-            np.ascontiguousarray(resets_u8),
-        )
+        # None stays None (all ones / no resets): nothing of size T is allocated
+        mask_f = None if mask_b is None else np.ascontiguousarray(mask_b, dtype=m.dtype)
+        resets_u8 = None if reset_b is None else np.ascontiguousarray(reset_b, dtype=np.uint8)
+        return np.ascontiguousarray(xa), np.ascontiguousarray(ta), mask_f, resets_u8
 
     def _check_batch(self, batch: int, name: str) -> None:
         if self._batch is not None and batch != self._batch:
