@@ -54,6 +54,9 @@ def float_array(name, value, expected, labels, dtype, *, finite_where=None) -> n
     _check_shape(name, a, expected, labels)
     if 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
+    if a.size <= (1 << 20) and finite_where is None:  # the common small case, one pass
+        if np.isfinite(a).all():
+            return np.ascontiguousarray(a, dtype=dtype)
     # in slices along the first axis, so a long sequence needs no full-size temporary
     step = max(1, (1 << 20) // max(1, a[0].size))
     for lo in range(0, a.shape[0], step):

@@ -164,7 +164,9 @@ class Trainer:
         mask_b = V.flag_array(m_name, mask, lead_shape, lead)
         reset_b = V.flag_array(r_name, resets, lead_shape, lead)
         # where targets are read; without a mask a broadcast view (no memory)
-        read = np.broadcast_to(np.True_, lead_shape) if mask_b is None else mask_b
+        read = mask_b
+        if read is None:
+            read = np.broadcast_to(np.True_, lead_shape)
         if self.loss == "mse":
             ta = V.float_array(
                 t_name,
@@ -172,7 +174,7 @@ class Trainer:
                 (*lead_shape, m.output_size),
                 (*lead, "O"),
                 m.dtype,
-                finite_where=read[..., None],
+                finite_where=None if mask_b is None else read[..., None],
             )
             if mask_b is not None and not mask_b.all():  # unread targets may hold NaN
                 ta = np.where(read[..., None], ta, 0).astype(m.dtype)
