@@ -396,10 +396,7 @@ class CpuEngine final : public EngineBase {
   // ---- update -----------------------------------------------------------
   void update(int64_t t, bool return_grads, RunResult& res) {
     const int64_t tp = last_update_;
-    int64_t w = 0;
-    if (!cfg_.unbounded()) {
-      w = std::max({int64_t(0), t - cfg_.k2, tp - std::max(int64_t(0), cfg_.k2 - cfg_.k1)});
-    }
+    const int64_t w = cfg_.window_start(t, tp);
     const double denom = std::max(1.0, pend_mask_);
     const double loss = pend_loss_ / denom;
     // The block is consumed whatever happens next.

@@ -54,6 +54,15 @@ struct Config {
   double clip = 0.0;     // <= 0: no clipping
   int64_t capacity = 0;  // ring capacity override in steps; 0 = max(k1, k2)
 
+  // SPEC section 3: the gradient of the update at step t (previous update at
+  // t_prev, 0 if none) flows back through steps (w, t]. The one place this
+  // rule is written in C++.
+  int64_t window_start(int64_t t, int64_t t_prev) const {
+    if (unbounded()) return 0;
+    const int64_t overlap = k2 > k1 ? k2 - k1 : 0;
+    int64_t w = t - k2 > t_prev - overlap ? t - k2 : t_prev - overlap;
+    return w > 0 ? w : 0;
+  }
   int64_t gates() const { return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 3 : 1; }
   bool unbounded() const { return k2 == 0; }
   // Number of parameter arrays, 4L + 2, in canonical order:
