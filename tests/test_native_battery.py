@@ -47,6 +47,28 @@ def configs(draw):
     )
 
 
+@st.composite
+def large_configs(draw):
+    """Sizes that take the engine's fast paths: widths that are multiples of 16
+    (its own AVX-512 kernel), k1 and runs of >= 8 steps (packed or transposed
+    W_hh), batch up to 33 (33 falls back to OpenBLAS), and 1 or 2 threads."""
+    c = draw(configs())
+    k1 = draw(st.integers(8, 12))
+    return {
+        **c,
+        "L": draw(st.integers(1, 2)),
+        "D": draw(st.sampled_from([3, 16, 24])),
+        "H": draw(st.sampled_from([16, 24, 32, 48])),
+        "O": draw(st.sampled_from([2, 16])),
+        "B": draw(st.sampled_from([1, 5, 8, 17, 32, 33])),
+        "T": draw(st.integers(8, 30)),
+        "k1": k1,
+        "k2": draw(st.one_of(st.none(), st.integers(4, 20))),
+        "split": draw(st.sampled_from([0, 9, 20])),
+        "threads": draw(st.sampled_from([1, 2])),
+    }
+
+
 def _optimizer(name):
     return {
         "sgd": tb.SGD(lr=0.1),
@@ -133,6 +155,22 @@ def _compare(backend, c):
 @given(c=configs())
 def test_native_matches_reference(native_backend, c):
     _compare(native_backend, c)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(c=large_configs())
+def test_native_matches_reference_on_fast_paths(native_backend, c):
+    before = tb.get_num_threads()
+    try:
+        tb.set_num_threads(c["threads"])
+        _compare(native_backend, c)
+    finally:
+        tb.set_num_threads(before)
 
 
 @pytest.mark.parametrize("k1,k2", [(2, 5), (5, 2), (3, None)])
