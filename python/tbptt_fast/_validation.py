@@ -54,9 +54,6 @@ def float_array(name, value, expected, labels, dtype, *, finite_where=None) -> n
     _check_shape(name, a, expected, labels)
     if 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
-    if a.size <= (1 << 20) and finite_where is None:  # the common small case, one pass
-        if np.isfinite(a).all():
-            return np.ascontiguousarray(a, dtype=dtype)
     # in slices along the first axis, so a long sequence needs no full-size temporary
     step = max(1, (1 << 20) // max(1, a[0].size))
     for lo in range(0, a.shape[0], step):
@@ -86,7 +83,8 @@ def flag_array(name, value, shape, labels) -> np.ndarray | None:
 
 
 def class_target(name, value, shape, labels, num_classes, read) -> np.ndarray:
-    """Integer class indices in [0, O) where ``read``; returned as int64, 0 elsewhere."""
+    """Integer class indices in [0, O) where ``read`` (None: everywhere); returned as
+    int64, 0 where not read."""
     a = _to_numpy(value)
     if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
         raise TypeError(
@@ -94,14 +92,18 @@ def class_target(name, value, shape, labels, num_classes, read) -> np.ndarray:
             f"got dtype {a.dtype}"
         )
     _check_shape(name, a, shape, labels)
-    bad = read & ((a < 0) | (a >= num_classes))
+    bad = (a < 0) | (a >= num_classes)
+    if read is not None:
+        bad &= read
     if np.any(bad):
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{name} must hold class indices in [0, {num_classes}) where mask is set, "
             f"got {a[idx]} at index {list(idx)}"
         )
-    return np.ascontiguousarray(np.where(read, a, 0), dtype=np.int64)
+    if read is not None:
+        a = np.where(read, a, 0)
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 def initial_state(value, model, batch: int | None) -> list[np.ndarray]:

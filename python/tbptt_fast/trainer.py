@@ -163,23 +163,20 @@ class Trainer:
         lead_shape = xa.shape[: len(lead)]
         mask_b = V.flag_array(m_name, mask, lead_shape, lead)
         reset_b = V.flag_array(r_name, resets, lead_shape, lead)
-        # where targets are read; without a mask a broadcast view (no memory)
-        read = mask_b
-        if read is None:
-            read = np.broadcast_to(np.True_, lead_shape)
         if self.loss == "mse":
+            read = None if mask_b is None else mask_b[..., None]  # targets where mask is 0: unread
             ta = V.float_array(
                 t_name,
                 target,
                 (*lead_shape, m.output_size),
                 (*lead, "O"),
                 m.dtype,
-                finite_where=None if mask_b is None else read[..., None],
+                finite_where=read,
             )
-            if mask_b is not None and not mask_b.all():  # unread targets may hold NaN
-                ta = np.where(read[..., None], ta, 0).astype(m.dtype)
+            if read is not None and not mask_b.all():  # unread targets may hold NaN
+                ta = np.where(read, ta, 0).astype(m.dtype)
         else:
-            ta = V.class_target(t_name, target, lead_shape, lead, m.output_size, read)
+            ta = V.class_target(t_name, target, lead_shape, lead, m.output_size, mask_b)
         if step:  # add the time axis
             xa, ta = xa[None], ta[None]
             mask_b = None if mask_b is None else mask_b[None]
@@ -187,7 +184,7 @@ class Trainer:
         # None stays None (all ones / no resets): nothing of size T is allocated
         mask_f = None if mask_b is None else np.ascontiguousarray(mask_b, dtype=m.dtype)
         resets_u8 = None if reset_b is None else np.ascontiguousarray(reset_b, dtype=np.uint8)
-        return np.ascontiguousarray(xa), np.ascontiguousarray(ta), mask_f, resets_u8
+        return xa, ta, mask_f, resets_u8  # the validators return C-contiguous arrays
 
     def _check_batch(self, batch: int, name: str) -> None:
         if self._batch is not None and batch != self._batch:
