@@ -26,16 +26,14 @@ using tbptt::str_cat;
 
 namespace {
 
-std::string shape_str(const py::array& a) {
-  std::string s = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + "]";
-}
-
 std::string shape_str(const std::vector<int64_t>& v) {
   std::string s = "[";
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s + "]";
+}
+
+std::string shape_str(const py::array& a) {
+  return shape_str(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
 }
 
 template <typename T>
@@ -143,16 +141,9 @@ struct HandleBase {
     for (int64_t i = 0; i < cfg.num_params(); ++i) {
       const auto name = cfg.param_name(i);
       py::handle obj = plist[static_cast<size_t>(i)];
-      TBPTT_CHECK_ARG(py::isinstance<py::array>(obj), name, " must be a numpy array");
-      auto a = py::reinterpret_borrow<py::array>(obj);
-      TBPTT_CHECK_ARG(a.dtype().is(dt), name, " must have dtype ", std::string(py::str(dt)),
-                      ", got ", std::string(py::str(a.dtype())));
-      const auto want = cfg.param_shape(i);
-      bool ok = a.ndim() == static_cast<py::ssize_t>(want.size());
-      for (size_t k = 0; ok && k < want.size(); ++k)
-        ok = a.shape(static_cast<py::ssize_t>(k)) == want[k];
-      TBPTT_CHECK_ARG(ok, name, " must have shape ", shape_str(want), ", got ", shape_str(a));
-      TBPTT_CHECK_ARG((a.flags() & py::array::c_style) && a.writeable(), name,
+      auto a = checked(obj, name.c_str(), dt, cfg.param_shape(i));
+      // checked() copies a non-contiguous array; the engine must see the caller's own
+      TBPTT_CHECK_ARG(a.ptr() == obj.ptr() && a.writeable(), name,
                       " must be a C-contiguous, writeable array (it is updated in place)");
       ptrs.push_back(a.mutable_data());
       params.append(a);

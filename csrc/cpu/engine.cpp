@@ -83,14 +83,14 @@ class CpuEngine final : public EngineBase {
     }
     offsets_.push_back(off);
     grad_.assign(static_cast<size_t>(off), T(0));
+    exps_.assign(static_cast<size_t>(O_), 0.0);
     if (cfg_.optimizer == OptimizerKind::kAdam) {
       m_.assign(static_cast<size_t>(off), T(0));
       v_.assign(static_cast<size_t>(off), T(0));
     } else if (cfg_.momentum != 0.0) {
       m_.assign(static_cast<size_t>(off), T(0));
     }
-    const int64_t need = std::max(cfg_.k1, cfg_.k2);
-    ring_.set_capacity(cfg_.capacity > 0 ? std::max(cfg_.capacity, cfg_.k1) : need);
+    ring_.set_capacity(cfg_.ring_capacity());
   }
 
   const Config& config() const override { return cfg_; }
@@ -171,10 +171,7 @@ class CpuEngine final : public EngineBase {
 
   int64_t step_count() const override { return count_; }
   int64_t pending() const override { return pending_; }
-  int64_t stored_steps() const override {
-    if (cfg_.unbounded()) return count_;
-    return std::min(count_, std::max(cfg_.k1, cfg_.k2));
-  }
+  int64_t stored_steps() const override { return cfg_.history_steps(count_); }
   void pull_params() override {}
   void push_params() override {}
 
@@ -246,9 +243,8 @@ class CpuEngine final : public EngineBase {
   }
 
   void ensure_batch(int64_t b) {
-    if (b == B_ && alloc_done_) return;
+    if (b == B_) return;  // B_ is 0 until the first allocation; b >= 1
     B_ = b;
-    alloc_done_ = true;
     allocate_ring(ring_.capacity(), false);
     const size_t bh = static_cast<size_t>(B_ * H_);
     init_.assign(static_cast<size_t>(L_ * S_) * bh, T(0));
@@ -367,12 +363,15 @@ class CpuEngine final : public EngineBase {
           const int64_t k = real_.label[static_cast<size_t>(slot * B_ + b)];
           double mx = static_cast<double>(yb[0]);
           for (int64_t j = 1; j < O_; ++j) mx = std::max(mx, static_cast<double>(yb[j]));
+          // softmax from one exp per logit: e_j = exp(y_j - max), p_j = e_j / sum e
           double se = 0.0;
-          for (int64_t j = 0; j < O_; ++j) se += std::exp(static_cast<double>(yb[j]) - mx);
-          const double lse = mx + std::log(se);
-          loss += lse - static_cast<double>(yb[k]);
+          for (int64_t j = 0; j < O_; ++j) {
+            exps_[static_cast<size_t>(j)] = std::exp(static_cast<double>(yb[j]) - mx);
+            se += exps_[static_cast<size_t>(j)];
+          }
+          loss += mx + std::log(se) - static_cast<double>(yb[k]);
           for (int64_t j = 0; j < O_; ++j)
-            yb[j] = static_cast<T>(std::exp(static_cast<double>(yb[j]) - lse));
+            yb[j] = static_cast<T>(exps_[static_cast<size_t>(j)] / se);
           yb[k] -= T(1);
         } else {
           const T* tg = real_.target.data() + (slot * B_ + b) * O_;
@@ -483,21 +482,19 @@ class CpuEngine final : public EngineBase {
     T* dgu_base = gru ? dgu_.data() : dg_.data();
     for (int64_t l = L_ - 1; l >= 0; --l) {
       const LayerParams<T> p = layer_params(l);
-      {
-        for (int64_t s = t; s > w; --s) {
-          const int64_t slot = ring_.slot(s), j = s - w - 1;
-          const StepCache<T> c = step_cache(act, l, slot);
-          const StepGrad<T> g{dh_.data() + j * bh, dh_carry_.data(), dc_carry_.data(),
-                              dg_.data() + j * bg, dgu_base + j * bg};
-          const bool want_carry = s > w + 1;
-          Cell::backward(p, B_, H_, c, g, s < t, want_carry);
-          if (!want_carry) continue;
-          const uint8_t* rs = real_.resets.data() + slot * B_;
-          for (int64_t b = 0; b < B_; ++b) {
-            if (rs[b] == 0) continue;
-            std::fill_n(dh_carry_.data() + b * H_, H_, T(0));
-            std::fill_n(dc_carry_.data() + b * H_, H_, T(0));
-          }
+      for (int64_t s = t; s > w; --s) {
+        const int64_t slot = ring_.slot(s), j = s - w - 1;
+        const StepCache<T> c = step_cache(act, l, slot);
+        const StepGrad<T> g{dh_.data() + j * bh, dh_carry_.data(), dc_carry_.data(),
+                            dg_.data() + j * bg, dgu_base + j * bg};
+        const bool want_carry = s > w + 1;
+        Cell::backward(p, B_, H_, c, g, s < t, want_carry);
+        if (!want_carry) continue;
+        const uint8_t* rs = real_.resets.data() + slot * B_;
+        for (int64_t b = 0; b < B_; ++b) {
+          if (rs[b] == 0) continue;
+          std::fill_n(dh_carry_.data() + b * H_, H_, T(0));
+          std::fill_n(dc_carry_.data() + b * H_, H_, T(0));
         }
       }
       const int64_t d = p.d_in, rows = nw * B_;
@@ -508,7 +505,11 @@ class CpuEngine final : public EngineBase {
       gemm<T>(true, false, GH_, d, rows, T(1), dg_.data(), GH_, xin, d, T(1), grad(4 * l), d);
       gemm<T>(true, false, GH_, H_, rows, T(1), dgu_base, GH_, hin, H_, T(1), grad(4 * l + 1), H_);
       add_colsum(dg_.data(), rows, GH_, T(1), grad(4 * l + 2));
-      add_colsum(static_cast<const T*>(dgu_base), rows, GH_, T(1), grad(4 * l + 3));
+      if (gru) {
+        add_colsum(static_cast<const T*>(dgu_base), rows, GH_, T(1), grad(4 * l + 3));
+      } else {  // rnn, lstm: u and a enter the gates alike, so d b_hh = d b_ih
+        copy_n(static_cast<const T*>(grad(4 * l + 2)), GH_, grad(4 * l + 3));
+      }
       if (l > 0) {
         gemm<T>(false, false, rows, H_, GH_, T(1), dg_.data(), GH_, p.w_ih, H_, T(0), dh_.data(),
                 H_);
@@ -568,7 +569,7 @@ class CpuEngine final : public EngineBase {
   std::vector<T*> params_;        // P borrowed arrays, updated in place by optimizer_step
   std::vector<int64_t> offsets_;  // [P + 1] offsets of each parameter in grad_/m_/v_
   int64_t B_ = 0;
-  bool alloc_done_ = false, has_state_ = false, has_init_ = false;
+  bool has_state_ = false, has_init_ = false;
   std::vector<T> init_;   // [L*S, B, H] initial state (zeros unless given); flat layer-major
   std::vector<T> state_;  // [L*S, B, H] current forward state
   int64_t count_ = 0, pending_ = 0, last_update_ = 0;
@@ -579,6 +580,7 @@ class CpuEngine final : public EngineBase {
   std::vector<T> sa_, sb_;              // gather/scatter scratch for runs that wrap the ring
   std::vector<T> dh_carry_, dc_carry_;  // [B, H]
   std::vector<T> scratch_;              // [B, G*H] cell scratch (gru: u)
+  std::vector<double> exps_;            // [O] cross-entropy: exp(y - max) of one row
   std::vector<T> rc_state_;             // [L*S, B, H] running state of a recompute
   std::vector<T> grad_, m_, v_;         // flat [sum of param sizes], canonical order
   std::vector<T> whh_t_;                // [L, H, G*H] transposed W_hh (or empty), refresh_whh_t

@@ -55,6 +55,13 @@ class RingIndex {
   int64_t capacity_ = 1;
 };
 
+// scratch with room for at least n elements (never shrinks); its data.
+template <typename T>
+T* grow(std::vector<T>& scratch, int64_t n) {
+  if (scratch.size() < static_cast<size_t>(n)) scratch.resize(static_cast<size_t>(n));
+  return scratch.data();
+}
+
 // Contiguous [n*B, width] view of steps [first, first + n) of a ring array
 // `arr` ([K, B, width], slot_len = B * width elements per slot): arr itself
 // when the run does not wrap, else a copy in `scratch` (grown as needed).
@@ -64,8 +71,7 @@ const T* gather(const RingIndex& ring, const T* arr, int64_t slot_len, int64_t f
   Segment seg[2];
   const int ns = ring.segments(first, n, seg);
   if (ns <= 1) return arr + (ns == 1 ? seg[0].slot * slot_len : 0);
-  if (scratch.size() < static_cast<size_t>(n * slot_len))
-    scratch.resize(static_cast<size_t>(n * slot_len));
+  grow(scratch, n * slot_len);
   for (int i = 0; i < ns; ++i)
     std::copy_n(arr + seg[i].slot * slot_len, seg[i].count * slot_len,
                 scratch.data() + seg[i].offset * slot_len);
@@ -80,9 +86,7 @@ T* scatter_target(const RingIndex& ring, T* arr, int64_t slot_len, int64_t first
   Segment seg[2];
   const int ns = ring.segments(first, n, seg);
   if (ns <= 1) return arr + (ns == 1 ? seg[0].slot * slot_len : 0);
-  if (scratch.size() < static_cast<size_t>(n * slot_len))
-    scratch.resize(static_cast<size_t>(n * slot_len));
-  return scratch.data();
+  return grow(scratch, n * slot_len);
 }
 
 // Copies what was written at `written` (from scatter_target) into the ring

@@ -157,8 +157,7 @@ class CudaEngine final : public EngineBase {
     partial_sumsq_.allocate(kReduceBlocks);
     partial_bad_.allocate(kReduceBlocks);
     status_.allocate(kStatusWords);
-    const int64_t need = std::max(cfg_.k1, cfg_.k2);
-    ring_.set_capacity(cfg_.capacity > 0 ? std::max(cfg_.capacity, cfg_.k1) : need);
+    ring_.set_capacity(cfg_.ring_capacity());
     push_params();
   }
 
@@ -241,10 +240,7 @@ class CudaEngine final : public EngineBase {
 
   int64_t step_count() const override { return count_; }
   int64_t pending() const override { return pending_; }
-  int64_t stored_steps() const override {
-    if (cfg_.unbounded()) return count_;
-    return std::min(count_, std::max(cfg_.k1, cfg_.k2));
-  }
+  int64_t stored_steps() const override { return cfg_.history_steps(count_); }
 
   void pull_params() override {
     use_device();
@@ -339,9 +335,8 @@ class CudaEngine final : public EngineBase {
   }
 
   void ensure_batch(int64_t b) {
-    if (b == B_ && alloc_done_) return;
+    if (b == B_) return;  // B_ is 0 until the first allocation; b >= 1
     B_ = b;
-    alloc_done_ = true;
     allocate_ring(ring_.capacity(), false);
     const size_t n = static_cast<size_t>(L_ * S_ * B_ * H_);
     init_.allocate(n);
@@ -694,12 +689,14 @@ class CudaEngine final : public EngineBase {
         blas_.gemm<T>(true, false, GH_, H_, rows, T(1), dgu, GH_, hin + r0 * H_, H_, T(1),
                       grad(4 * l + 1), H_);
         blas_.gemv_t<T>(rows, GH_, T(1), dg, GH_, ones_.data(), T(1), grad(4 * l + 2));
-        blas_.gemv_t<T>(rows, GH_, T(1), dgu, GH_, ones_.data(), T(1), grad(4 * l + 3));
+        if (kGru) blas_.gemv_t<T>(rows, GH_, T(1), dgu, GH_, ones_.data(), T(1), grad(4 * l + 3));
         if (l > 0) {
           blas_.gemm<T>(false, false, rows, H_, GH_, T(1), dg, GH_, w_ih(l), H_, T(0),
                         dh_.data() + r0 * H_, H_);
         }
       }
+      // rnn, lstm: u and a enter the gates alike, so d b_hh = d b_ih
+      if (!kGru) d2d(grad(4 * l + 3), grad(4 * l + 2), GH_);
     }
   }
 
@@ -717,7 +714,7 @@ class CudaEngine final : public EngineBase {
   DeviceBuffer<double> partial_sumsq_, status_;
   DeviceBuffer<int> partial_bad_;
   int64_t B_ = 0;
-  bool alloc_done_ = false, has_state_ = false, has_init_ = false;
+  bool has_state_ = false, has_init_ = false;
   DeviceBuffer<T> init_;   // [L*S, B, H] initial state (zeros unless given); flat layer-major
   DeviceBuffer<T> state_;  // [L*S, B, H] current forward state
   int64_t count_ = 0, pending_ = 0, last_update_ = 0;
@@ -754,7 +751,6 @@ std::unique_ptr<EngineBase> make_typed(const Config& cfg, const std::vector<void
 
 std::unique_ptr<tbptt::EngineBase> tbptt::make_cuda_engine(const Config& cfg,
                                                            const std::vector<void*>& params) {
-  cfg.validate();
   if (cfg.dtype == DType::kFloat64) return cuda::make_typed<double>(cfg, params);
   return cuda::make_typed<float>(cfg, params);
 }

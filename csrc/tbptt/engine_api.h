@@ -63,6 +63,18 @@ struct Config {
     int64_t w = t - k2 > t_prev - overlap ? t - k2 : t_prev - overlap;
     return w > 0 ? w : 0;
   }
+  // Steps of history a ring holds: max(k1, k2), or the test override
+  // `capacity` (never below k1, since a block must fit). Grows when unbounded.
+  int64_t ring_capacity() const {
+    const int64_t need = k1 > k2 ? k1 : k2;
+    return capacity > 0 ? (capacity > k1 ? capacity : k1) : need;
+  }
+  // Steps of history held after `count` steps since the last reset.
+  int64_t history_steps(int64_t count) const {
+    if (unbounded()) return count;
+    const int64_t need = k1 > k2 ? k1 : k2;
+    return count < need ? count : need;
+  }
   int64_t gates() const { return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 3 : 1; }
   bool unbounded() const { return k2 == 0; }
   // Number of parameter arrays, 4L + 2, in canonical order:
