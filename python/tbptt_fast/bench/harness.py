@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -35,10 +36,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .peers import textbook, torch_loops
+import tbptt_fast as tb
 
-GATES = {"rnn_tanh": 1, "lstm": 4, "gru": 3}
-TORCH_IMPLS = ("torch-seq", "torch-cell", "torch-recompute")
+from ..reference import GATES
+from .peers import textbook, torch_loops
 
 
 # ------------------------------------------------------------------ configurations
@@ -84,16 +85,6 @@ def make_matrix(cells, hidden, batch, ks, threads, **kw) -> list[Config]:
     return out
 
 
-ALL_IMPLS = (
-    "numpy",
-    "cpu",
-    "cpu-recompute",
-    "textbook",
-    "torch-seq",
-    "torch-cell",
-    "torch-recompute",
-)
-
 PRESETS = {
     # a few seconds: for the tests
     "tiny": dict(
@@ -138,29 +129,19 @@ PRESETS = {
 
 
 # ------------------------------------------------------------------ implementations
-def _tb():
-    import tbptt_fast as tb
-
-    return tb
-
-
 def native_ok() -> bool:
     """True when tbptt_fast's native module (backend "cpu") is importable."""
-    try:
-        return bool(_tb().native_available())
-    except (ImportError, AttributeError):
-        return False
+    return tb.native_available()
 
 
 class TbRunner:
     """tbptt_fast ``Trainer`` with SGD and mse on one backend/overlap rule."""
 
     def __init__(self, cfg: Config, params: dict, backend: str, overlap: str, lr: float):
-        tb = _tb()
         model = tb.Model(
             cfg.cell, cfg.hidden, cfg.hidden, cfg.out, cfg.layers, dtype=cfg.dtype, seed=0
         )
-        model.load_state_dict({k: np.array(v, dtype=cfg.dtype) for k, v in params.items()})
+        model.load_state_dict(params)  # copies, cast to the model's dtype
         self.trainer = tb.Trainer(
             model,
             k1=cfg.k1,
@@ -180,7 +161,6 @@ class TbRunner:
 class Impl:
     """An implementation: how to build it, when it applies, and which rule it follows."""
 
-    name: str
     build: Callable[[Config, dict, float], object]
     applies: Callable[[Config], bool]
     overlap: str  # the tbptt_fast overlap rule it must match
@@ -196,37 +176,27 @@ def _peer(cls):
 
 IMPLS = {
     "numpy": Impl(
-        "numpy",
         lambda c, p, lr: TbRunner(c, p, "numpy", "stored", lr),
         lambda c: True,
         "stored",
         "tbptt_fast",
     ),
     "cpu": Impl(
-        "cpu",
         lambda c, p, lr: TbRunner(c, p, "cpu", "stored", lr),
         lambda c: True,
         "stored",
         "tbptt_fast",
     ),
     "cpu-recompute": Impl(
-        "cpu-recompute",
         lambda c, p, lr: TbRunner(c, p, "cpu", "recompute", lr),
         lambda c: c.k1 < c.k2,
         "recompute",
         "tbptt_fast",
     ),
-    "textbook": Impl(
-        "textbook", _peer(textbook.TextbookTBPTT), lambda c: True, "stored", "textbook"
-    ),
-    "torch-seq": Impl(
-        "torch-seq", _peer(torch_loops.TorchSeq), lambda c: c.k1 == c.k2, "stored", "torch"
-    ),
-    "torch-cell": Impl(
-        "torch-cell", _peer(torch_loops.TorchCell), lambda c: c.k1 == c.k2, "stored", "torch"
-    ),
+    "textbook": Impl(_peer(textbook.TextbookTBPTT), lambda c: True, "stored", "textbook"),
+    "torch-seq": Impl(_peer(torch_loops.TorchSeq), lambda c: c.k1 == c.k2, "stored", "torch"),
+    "torch-cell": Impl(_peer(torch_loops.TorchCell), lambda c: c.k1 == c.k2, "stored", "torch"),
     "torch-recompute": Impl(
-        "torch-recompute",
         _peer(torch_loops.TorchRecompute),
         lambda c: c.k1 < c.k2,
         "recompute",
@@ -235,14 +205,14 @@ IMPLS = {
 }
 
 
+ALL_IMPLS = tuple(IMPLS)
+TORCH_IMPLS = tuple(n for n, impl in IMPLS.items() if impl.family == "torch")
+
+
 def unavailable_reason(name: str) -> str | None:
     """Why implementation ``name`` cannot run on this machine, or None if it can."""
     if name not in IMPLS:
         return f"unknown implementation {name!r}; choose from {', '.join(ALL_IMPLS)}"
-    try:
-        _tb()
-    except ImportError as exc:
-        return f"tbptt_fast does not import: {exc}"
     if name.startswith("cpu") and not native_ok():
         return "the native module tbptt_fast._core is not built (backend 'cpu')"
     if IMPLS[name].family == "torch":
@@ -255,11 +225,10 @@ def unavailable_reason(name: str) -> str | None:
 
 def make_params(cfg: Config, seed: int = 0) -> dict:
     """The initial parameters of a row: ``tb.Model(...).state_dict()`` (PyTorch layout)."""
-    tb = _tb()
     model = tb.Model(
         cfg.cell, cfg.hidden, cfg.hidden, cfg.out, cfg.layers, dtype=cfg.dtype, seed=seed
     )
-    return {k: np.array(v) for k, v in model.state_dict().items()}
+    return model.state_dict()  # fresh copies
 
 
 def make_data(cfg: Config, steps: int, seed: int = 1):
@@ -281,6 +250,16 @@ def max_rel_err(got: dict, ref: dict) -> float:
             return math.inf
         err = max(err, float(np.max(np.abs(a - b))) / max(1.0, float(np.max(np.abs(b)))))
     return err
+
+
+@functools.lru_cache(maxsize=16)
+def _reference(c: Config, overlap: str, lr: float, steps: int):
+    """Parameters, data and the NumPy reference's gradients of one check; shared by
+    every implementation checked on the same row (they copy what they are given)."""
+    params = make_params(c)
+    x, target = make_data(c, steps, seed=2)
+    _, ref = TbRunner(c, params, "numpy", overlap, lr).fit(x, target, True)
+    return params, x, target, ref
 
 
 def check_impl(name: str, cfg: Config, lr: float = 0.01) -> dict:
@@ -310,9 +289,7 @@ def check_impl(name: str, cfg: Config, lr: float = 0.01) -> dict:
         ("float64", small, cfg.k1 * (math.ceil(cfg.k2 / cfg.k1) + 2), 1e-8),
         ("float32", cfg, cfg.k1, 1e-4),
     ]:
-        params = make_params(c)
-        x, target = make_data(c, steps, seed=2)
-        _, ref = TbRunner(c, params, "numpy", impl.overlap, lr).fit(x, target, True)
+        params, x, target, ref = _reference(c, impl.overlap, lr, steps)
         _, got = impl.build(c, params, lr).fit(x, target, True)
         if len(got) != len(ref):
             err = math.inf
@@ -422,11 +399,10 @@ def set_threads(n: int) -> None:
         threadpool_limits(n)  # numpy's OpenBLAS (numpy backend, textbook), OpenMP pools
     except ImportError:
         pass
-    if native_ok():
-        _tb().set_num_threads(n)
-    path = openblas32_path()
-    if path:
-        ctypes.CDLL(path).scipy_openblas_set_num_threads(ctypes.c_int(n))
+    try:  # scipy-openblas32, the native engine's BLAS (works without _core too)
+        tb.set_num_threads(n)
+    except RuntimeError:
+        pass
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
 
@@ -449,12 +425,7 @@ def gemm_peak(
     c = np.zeros((n, n), np.float32)
     path = openblas32_path()
     np_path = numpy_blas_path()
-    if path and np_path and os.path.realpath(path) == os.path.realpath(np_path):
-        source = f"numpy ({np_path})"
-
-        def run():
-            np.matmul(a, b, out=c)
-    elif path:
+    if path and not (np_path and os.path.realpath(path) == os.path.realpath(np_path)):
         source = f"ctypes scipy_cblas_sgemm ({path})"
         lib = ctypes.CDLL(path)
         fn = lib.scipy_cblas_sgemm
@@ -465,8 +436,8 @@ def gemm_peak(
         def run():  # row-major, no transposes
             fn(101, 111, 111, n, n, n, 1.0, a.ctypes.data, n, b.ctypes.data, n, 0.0,
                c.ctypes.data, n)  # fmt: skip
-    else:
-        source = f"numpy ({np_path}; scipy-openblas32 not found)"
+    else:  # numpy is linked against that same library, or it was not found
+        source = f"numpy ({np_path})" if path else f"numpy ({np_path}; scipy-openblas32 not found)"
 
         def run():
             np.matmul(a, b, out=c)
@@ -805,12 +776,8 @@ def machine_info() -> dict:
         "argv": sys.argv,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    try:
-        tb = _tb()
-        info["tbptt_fast"] = tb.__version__
-        info["native"] = native_ok()
-    except ImportError:
-        pass
+    info["tbptt_fast"] = tb.__version__
+    info["native"] = native_ok()
     if "torch" in sys.modules:
         info["torch"] = sys.modules["torch"].__version__
     return info

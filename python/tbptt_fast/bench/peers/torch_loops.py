@@ -33,7 +33,6 @@ def import_torch():
 
 _SEQ = {"rnn_tanh": "RNN", "lstm": "LSTM", "gru": "GRU"}
 _CELL = {"rnn_tanh": "RNNCell", "lstm": "LSTMCell", "gru": "GRUCell"}
-_TORCH_DTYPE = {"float32": "float32", "float64": "float64"}
 
 
 class _TorchPeer:
@@ -46,9 +45,9 @@ class _TorchPeer:
         self.k1 = int(k1)
         self.k2 = int(k2 if k2 is not None else k1)
         self.lr = lr
-        self.dtype = getattr(torch, _TORCH_DTYPE[str(np.dtype(dtype))])
+        self.dtype = getattr(torch, np.dtype(dtype).name)  # float32 | float64
         num_layers = sum(1 for k in params if k.startswith("weight_ih_l"))
-        gh, d = params["weight_ih_l0"].shape
+        d = params["weight_ih_l0"].shape[1]
         hidden = params["weight_hh_l0"].shape[1]
         out = params["readout.weight"].shape[0]
         nn = torch.nn
@@ -77,7 +76,7 @@ class _TorchPeer:
             }
         )
         self.opt = torch.optim.SGD([*self.rnn_params, *self.readout.parameters()], lr=lr)
-        self.num_layers, self.hidden, self.gh = num_layers, hidden, gh
+        self.num_layers, self.hidden = num_layers, hidden
         self.state = None
 
     def _zero_state(self, batch, per_layer):
