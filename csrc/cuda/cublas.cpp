@@ -68,7 +68,6 @@ const Loaded& loaded() {
         bind(lib, "cublasCreate_v2", r.api.create, path);
         bind(lib, "cublasDestroy_v2", r.api.destroy, path);
         bind(lib, "cublasSetStream_v2", r.api.set_stream, path);
-        bind(lib, "cublasGetProperty", r.api.get_property, path);
         bind(lib, "cublasSgemm_v2", r.api.sgemm, path);
         bind(lib, "cublasDgemm_v2", r.api.dgemm, path);
         bind(lib, "cublasSgemv_v2", r.api.sgemv, path);
