@@ -148,10 +148,6 @@ class Model:
         for trainer in list(self._trainers):
             trainer._engine.push_params()
 
-    def num_parameters(self) -> int:
-        """Total number of scalar parameters."""
-        return sum(int(np.prod(s)) for s in self.shapes().values())
-
     def __repr__(self) -> str:
         return (
             f"Model({self.cell!r}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
