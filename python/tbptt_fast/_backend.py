@@ -13,10 +13,8 @@ BACKENDS = ("numpy", "cpu", "cuda")
 
 
 def _core():
-    try:
-        from . import _native
-    except ImportError as e:  # a source tree without the loader
-        return None, str(e)
+    from . import _native  # never raises: it records why _core did not import
+
     return _native.core, _native.import_error
 
 
