@@ -299,9 +299,15 @@ void run_panels(const PanelJob& job) {
   for (int64_t p = 0; p < job.panels(); ++p) job.run(p);
 }
 
+// TBPTT_NO_AVX512=1 turns the own kernels off as on a CPU without AVX-512, so
+// the OpenBLAS paths such CPUs take are tested here too (test_native_battery).
 bool have_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  static const bool ok = [] {
+    const char* off = std::getenv("TBPTT_NO_AVX512");
+    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  }();
   return ok;
 }
 #endif
