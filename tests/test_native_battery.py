@@ -179,7 +179,10 @@ def test_native_matches_reference_on_fast_paths(native_backend, c):
 
 @pytest.mark.parametrize("k1,k2", [(2, 5), (5, 2), (3, None)])
 def test_ring_capacity_does_not_change_results(native_backend, k1, k2):
-    """A ring of the default capacity equals one twice as large."""
+    """A ring of the default capacity equals one twice as large: bit for bit on
+    the CPU (a window that wraps is gathered into one product); within float64
+    rounding on CUDA, whose products run once per ring segment, so a larger
+    ring splits the sums differently."""
     from tbptt_fast._backend import make_engine
 
     x, target, mask, resets = make_data(3, 17, 2, 3, 2, "mse", 0.2, 0.1)
@@ -192,6 +195,11 @@ def test_ring_capacity_does_not_change_results(native_backend, k1, k2):
             tr._engine = make_engine(native_backend, cfg, model.param_list())
         outs.append((tr.fit(x, target, mask=mask, resets=resets, return_grads=True), model))
     (a, ma), (b, mb) = outs
+    if native_backend == "cuda":
+        assert_close(b.losses, a.losses, 1e-13, "losses")
+        for k, v in ma.state_dict().items():
+            assert_close(mb.state_dict()[k], v, 1e-13, k)
+        return
     np.testing.assert_array_equal(a.losses, b.losses)
     for k, v in ma.state_dict().items():
         np.testing.assert_array_equal(mb.state_dict()[k], v)
