@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -124,6 +126,54 @@ py::array checked(const py::handle& obj, const char* name, const py::dtype& dt,
     a = py::module_::import("numpy").attr("ascontiguousarray")(a).cast<py::array>();
   }
   return a;
+}
+
+// A device array described by python/tbptt_fast/_device.py:
+// (data pointer, ElemType code, shape, strides in bytes, name).
+tbptt::DeviceView device_view(const py::handle& spec) {
+  const auto t = spec.cast<py::tuple>();
+  TBPTT_CHECK_ARG(py::len(t) == 5, "a device array spec is (ptr, code, shape, strides, name)");
+  tbptt::DeviceView v;
+  v.name = t[4].cast<std::string>();
+  v.data = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
+  const int code = t[1].cast<int>();
+  TBPTT_CHECK_ARG(code >= 0 && code <= static_cast<int>(tbptt::ElemType::kU64), v.name,
+                  ": unknown element type code ", code);
+  v.type = static_cast<tbptt::ElemType>(code);
+  const auto shape = t[2].cast<std::vector<int64_t>>();
+  const auto strides = t[3].cast<std::vector<int64_t>>();
+  TBPTT_CHECK_ARG(shape.size() == strides.size() && !shape.empty() && shape.size() <= 3, v.name,
+                  ": a device array needs rank 1 to 3 and one stride per axis");
+  v.ndim = static_cast<int>(shape.size());
+  for (size_t i = 0; i < shape.size(); ++i) {
+    TBPTT_CHECK_ARG(shape[i] >= 0, v.name, ": negative extent");
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  TBPTT_CHECK_ARG(v.data != nullptr || v.size() == 0, v.name, " has a null data pointer");
+  // The kernels read whole elements: a misaligned one would fault (and the
+  // CUDA context with it).
+  const auto item = static_cast<int64_t>(tbptt::elem_size(v.type));
+  bool aligned = reinterpret_cast<uintptr_t>(v.data) % static_cast<uintptr_t>(item) == 0;
+  for (int i = 0; i < v.ndim; ++i)
+    aligned = aligned && (v.shape[i] <= 1 || v.strides[i] % item == 0);
+  TBPTT_CHECK_ARG(aligned, v.name, ": a device array must be aligned to its element size (", item,
+                  " bytes), pointer and strides");
+  return v;
+}
+
+// Rank and extents (-1 = any) of a device array, and its element class.
+enum class Want { kFloat, kInteger, kAny };
+void check_view(const tbptt::DeviceView& v, const std::vector<int64_t>& shape, Want want) {
+  bool ok = v.ndim == static_cast<int>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || v.shape[i] == shape[i];
+  TBPTT_CHECK_ARG(ok, v.name, " must have shape ",
+                  shape_str(std::vector<int64_t>(shape.begin(), shape.end())), " (-1 = any), got ",
+                  shape_str(std::vector<int64_t>(v.shape, v.shape + v.ndim)));
+  TBPTT_CHECK_ARG(want != Want::kFloat || tbptt::is_float(v.type), v.name,
+                  " must be a floating-point array");
+  TBPTT_CHECK_ARG(want != Want::kInteger || tbptt::is_integer(v.type), v.name,
+                  " must be an integer array");
 }
 
 // One engine handle; Kind only separates the Python classes (Engine, CudaEngine).
@@ -257,7 +307,6 @@ struct HandleBase {
                         lab[i]);
       }
     }
-    py::object outputs = py::none();
     tbptt::RunInputs in;
     in.steps = steps;
     in.batch = batch;
@@ -267,8 +316,15 @@ struct HandleBase {
     in.resets = has_resets ? static_cast<const uint8_t*>(resets.data()) : nullptr;
     in.flush = flush;
     in.return_grads = return_grads;
+    return execute(in, return_outputs);
+  }
+
+  // engine->run(in) without the GIL, with a host [T, B, O] outputs array if asked.
+  py::tuple execute(tbptt::RunInputs& in, bool return_outputs) {
+    py::object outputs = py::none();
     if (return_outputs) {
-      py::array out(dt, std::vector<py::ssize_t>{steps, batch, cfg.output_size});
+      py::array out(model_dtype(cfg),
+                    std::vector<py::ssize_t>{in.steps, in.batch, cfg.output_size});
       in.outputs = out.mutable_data();
       outputs = out;
     }
@@ -277,7 +333,84 @@ struct HandleBase {
       py::gil_scoped_release nogil;
       r = engine->run(in);
     }
-    return pack(r, return_grads, outputs);
+    return pack(r, in.return_grads, outputs);
+  }
+
+  // run() on device arrays (CUDA engine): specs as device_view().
+  py::tuple run_device(const py::object& x_spec, const py::object& target_spec,
+                       const py::object& mask_spec, const py::object& resets_spec, bool flush,
+                       bool return_grads, bool return_outputs) {
+    tbptt::DeviceInputs dv;
+    dv.x = device_view(x_spec);
+    check_view(dv.x, {-1, -1, cfg.input_size}, Want::kFloat);
+    const int64_t steps = dv.x.shape[0], batch = dv.x.shape[1];
+    TBPTT_CHECK_ARG(steps >= 1 && batch >= 1, "x must have T >= 1 and B >= 1");
+    dv.target = device_view(target_spec);
+    if (cfg.loss == tbptt::LossKind::kMse) {
+      check_view(dv.target, {steps, batch, cfg.output_size}, Want::kFloat);
+    } else {
+      check_view(dv.target, {steps, batch}, Want::kInteger);
+    }
+    dv.has_mask = !mask_spec.is_none();
+    dv.has_resets = !resets_spec.is_none();
+    if (dv.has_mask) {
+      dv.mask = device_view(mask_spec);
+      check_view(dv.mask, {steps, batch}, Want::kAny);
+    }
+    if (dv.has_resets) {
+      dv.resets = device_view(resets_spec);
+      check_view(dv.resets, {steps, batch}, Want::kAny);
+    }
+    tbptt::RunInputs in;
+    in.steps = steps;
+    in.batch = batch;
+    in.flush = flush;
+    in.return_grads = return_grads;
+    in.device = &dv;
+    return execute(in, return_outputs);
+  }
+
+  // Value check of one device array (see tbptt::ScanRequest); kind is
+  // "finite", "flag" or "class". Returns (first_bad or -1, value as float,
+  // value as int, per-row nonzero counts [rows] int64 or None).
+  py::tuple scan_device(const py::object& spec, const std::string& kind,
+                        const py::object& mask_spec, int64_t mask_div, int64_t row_len,
+                        int64_t num_classes) {
+    tbptt::ScanRequest req;
+    req.array = device_view(spec);
+    if (kind == "finite") {
+      req.kind = tbptt::ScanKind::kFinite;
+    } else if (kind == "flag") {
+      req.kind = tbptt::ScanKind::kFlag;
+    } else {
+      TBPTT_CHECK_ARG(kind == "class", "kind must be 'finite', 'flag' or 'class', got '", kind,
+                      "'");
+      req.kind = tbptt::ScanKind::kClass;
+    }
+    tbptt::DeviceView mask;
+    if (!mask_spec.is_none()) {
+      mask = device_view(mask_spec);
+      req.mask = &mask;
+    }
+    TBPTT_CHECK_ARG(mask_div >= 1 && row_len >= 0, "mask_div must be >= 1 and row_len >= 0");
+    TBPTT_CHECK_ARG(row_len == 0 || req.array.size() % row_len == 0,
+                    "row_len must divide the array's size");
+    req.mask_div = mask_div;
+    req.row_len = row_len;
+    req.num_classes = num_classes;
+    tbptt::ScanResult r;
+    {
+      py::gil_scoped_release nogil;
+      r = engine->scan_device(req);
+    }
+    py::object counts = py::none();
+    if (req.kind == tbptt::ScanKind::kFlag && row_len > 0) {
+      py::array_t<int64_t> c(
+          std::vector<py::ssize_t>{static_cast<py::ssize_t>(r.row_counts.size())});
+      std::copy(r.row_counts.begin(), r.row_counts.end(), c.mutable_data());
+      counts = c;
+    }
+    return py::make_tuple(r.first_bad, r.value, r.ivalue, counts);
   }
 
   py::tuple flush(bool return_grads) {
@@ -311,8 +444,8 @@ struct Handle : HandleBase {
 };
 
 template <typename H>
-void bind_engine(py::module_& m, const char* name, const char* doc) {
-  py::class_<H>(m, name, doc)
+py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
+  return py::class_<H>(m, name, doc)
       .def(py::init<const py::dict&, const py::list&>(), py::arg("config"), py::arg("params"))
       .def("reset", &H::reset, py::arg("initial_state") = py::none())
       .def("run", &H::run, py::arg("x"), py::arg("target"), py::arg("mask") = py::none(),
@@ -375,6 +508,12 @@ PYBIND11_MODULE(_core, m) {
   });
   bind_engine<Handle<0>>(m, "Engine", "C++ CPU TBPTT(k1, k2) engine (see engine_api.md).");
 #ifdef TBPTT_WITH_CUDA
-  bind_engine<Handle<1>>(m, "CudaEngine", "CUDA TBPTT(k1, k2) engine (see engine_api.md).");
+  bind_engine<Handle<1>>(m, "CudaEngine", "CUDA TBPTT(k1, k2) engine (see engine_api.md).")
+      .def("run_device", &Handle<1>::run_device, py::arg("x"), py::arg("target"), py::arg("mask"),
+           py::arg("resets"), py::arg("flush") = false, py::arg("return_grads") = false,
+           py::arg("return_outputs") = false)
+      .def("scan_device", &Handle<1>::scan_device, py::arg("array"), py::arg("kind"),
+           py::arg("mask") = py::none(), py::arg("mask_div") = 1, py::arg("row_len") = 0,
+           py::arg("num_classes") = 0);
 #endif
 }

@@ -116,6 +116,7 @@ class CpuEngine final : public EngineBase {
   }
 
   RunResult run(const RunInputs& in) override {
+    TBPTT_CHECK_ARG(in.device == nullptr, "the CPU engine takes host arrays only");
     TBPTT_CHECK_ARG(in.steps >= 1, "x must have at least one step, got ", in.steps);
     TBPTT_CHECK_ARG(in.batch >= 1, "batch must be >= 1, got ", in.batch);
     if (has_state_) {

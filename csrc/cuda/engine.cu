@@ -38,6 +38,7 @@
 #include "cuda/context.h"
 #include "cuda/cublas.h"
 #include "cuda/device.h"
+#include "cuda/inputs.cuh"
 #include "cuda/kernels.cuh"
 #include "tbptt/engine_api.h"
 #include "tbptt/errors.h"
@@ -189,6 +190,16 @@ class CudaEngine final : public EngineBase {
     use_device();
     TBPTT_CHECK_ARG(in.steps >= 1, "x must have at least one step, got ", in.steps);
     TBPTT_CHECK_ARG(in.batch >= 1, "batch must be >= 1, got ", in.batch);
+    if (in.device != nullptr) {
+      const DeviceInputs& dv = *in.device;
+      check_on_device(dv.x);
+      check_on_device(dv.target);
+      if (dv.has_mask) check_on_device(dv.mask);
+      if (dv.has_resets) check_on_device(dv.resets);
+      // The producer may have written the inputs on any stream.
+      TBPTT_CUDA_CHECK(cudaDeviceSynchronize());
+      check_device_values(dv, in.batch);
+    }
     if (has_state_) {
       TBPTT_CHECK_ARG(in.batch == B_, "batch size changed from ", B_, " to ", in.batch,
                       "; a trainer-level reset (reset_state() or initial_state) is needed first");
@@ -238,6 +249,14 @@ class CudaEngine final : public EngineBase {
     stream_.sync();
   }
 
+  ScanResult scan_device(const ScanRequest& req) override {
+    use_device();
+    check_on_device(req.array);
+    if (req.mask != nullptr) check_on_device(*req.mask);
+    TBPTT_CUDA_CHECK(cudaDeviceSynchronize());  // the producer's writes, on any stream
+    return scan(req);
+  }
+
   int64_t step_count() const override { return count_; }
   int64_t pending() const override { return pending_; }
   int64_t stored_steps() const override { return cfg_.history_steps(count_); }
@@ -263,6 +282,100 @@ class CudaEngine final : public EngineBase {
   // ---- small helpers ----------------------------------------------------
   cudaStream_t stream() const { return stream_.get(); }
   void use_device() const { TBPTT_CUDA_CHECK(cudaSetDevice(device_)); }
+
+  // A caller's device array must be device (or managed) memory of our device.
+  void check_on_device(const DeviceView& v) const {
+    cudaPointerAttributes attr{};
+    const cudaError_t e = cudaPointerGetAttributes(&attr, v.data);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw std::invalid_argument(
+          str_cat(v.name, " is not a CUDA device array (", cudaGetErrorString(e), ")"));
+    }
+    TBPTT_CHECK_ARG(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged, v.name,
+                    " does not point to CUDA device memory");
+    TBPTT_CHECK_ARG(attr.device == device_, v.name, " is on CUDA device ", attr.device,
+                    " but this trainer runs on device ", device_);
+  }
+
+  // One scan_kernel pass over a device array and its result (one sync).
+  ScanResult scan(const ScanRequest& req) {
+    ScanResult r;
+    const int64_t n = req.array.size();
+    if (n == 0) return r;
+    const int64_t rows = req.kind == ScanKind::kFlag && req.row_len > 0 ? n / req.row_len : 0;
+    // words[0]: first bad index (~0 = none); words[1 + r]: nonzero count of row r
+    if (scan_words_.size() < static_cast<size_t>(1 + rows)) {
+      scan_words_.allocate(static_cast<size_t>(1 + rows));
+    }
+    unsigned long long* words = scan_words_.data();
+    TBPTT_CUDA_CHECK(cudaMemsetAsync(words, 0xFF, sizeof(unsigned long long), stream()));
+    if (rows > 0) {
+      TBPTT_CUDA_CHECK(cudaMemsetAsync(
+          words + 1, 0, static_cast<size_t>(rows) * sizeof(unsigned long long), stream()));
+    }
+    const View a = make_view(req.array);
+    scan_kernel<<<grid_for(n), kThreads, 0, stream()>>>(
+        a, static_cast<int>(req.kind), req.mask != nullptr ? make_view(*req.mask) : no_view(),
+        std::max<int64_t>(1, req.mask_div), req.row_len, req.num_classes, n, words,
+        rows > 0 ? words + 1 : nullptr);
+    TBPTT_CUDA_CHECK(cudaGetLastError());
+    std::vector<unsigned long long> host(static_cast<size_t>(1 + rows));
+    TBPTT_CUDA_CHECK(cudaMemcpyAsync(host.data(), words, host.size() * sizeof(unsigned long long),
+                                     cudaMemcpyDeviceToHost, stream()));
+    stream_.sync();
+    r.row_counts.assign(host.begin() + 1, host.end());
+    if (host[0] != ~0ULL) {
+      r.first_bad = static_cast<int64_t>(host[0]);
+      if (scan_value_.size() == 0) scan_value_.allocate(2);
+      double* value = scan_value_.data();
+      read_element_kernel<<<1, 1, 0, stream()>>>(a, r.first_bad, value,
+                                                 reinterpret_cast<long long*>(value + 1));
+      TBPTT_CUDA_CHECK(cudaGetLastError());
+      double both[2] = {0.0, 0.0};
+      TBPTT_CUDA_CHECK(
+          cudaMemcpyAsync(both, value, sizeof(both), cudaMemcpyDeviceToHost, stream()));
+      stream_.sync();
+      r.value = both[0];
+      std::memcpy(&r.ivalue, &both[1], sizeof(r.ivalue));
+    }
+    return r;
+  }
+
+  // What copy_device_inputs relies on, checked on the device as bindings.cpp
+  // checks host labels: labels in range where read, a mask without NaN/Inf;
+  // and the mask's nonzero count per step (the loss normalisation).
+  void check_device_values(const DeviceInputs& dv, int64_t batch) {
+    if (cfg_.loss == LossKind::kCrossEntropy) {
+      ScanRequest req;
+      req.array = dv.target;
+      req.kind = ScanKind::kClass;
+      req.mask = dv.has_mask ? &dv.mask : nullptr;
+      req.num_classes = O_;
+      const ScanResult r = scan(req);
+      TBPTT_CHECK_ARG(r.first_bad < 0, "target must hold class indices in [0, ", O_, "), got ",
+                      r.ivalue);
+    }
+    mask_counts_.clear();
+    if (dv.has_mask) {
+      ScanRequest req;
+      req.array = dv.mask;
+      req.kind = ScanKind::kFlag;
+      req.row_len = batch;
+      ScanResult r = scan(req);
+      TBPTT_CHECK_ARG(r.first_bad < 0, "mask must not contain NaN or Inf");
+      mask_counts_ = std::move(r.row_counts);
+    }
+  }
+
+  template <typename D>
+  void gather(const View& src, GatherKind kind, const View& mask, int64_t mask_div, int64_t base,
+              int64_t n, D* dst) {
+    if (n <= 0) return;
+    gather_kernel<D><<<grid_for(n), kThreads, 0, stream()>>>(src, static_cast<int>(kind), mask,
+                                                             mask_div, base, n, dst);
+    TBPTT_CUDA_CHECK(cudaGetLastError());
+  }
 
   void h2d(T* dst, const T* src, int64_t n) {
     if (n > 0)
@@ -361,6 +474,65 @@ class CudaEngine final : public EngineBase {
     const int64_t first = count_ + 1;
     Segment seg[2];
     const int ns = ring_.segments(first, n, seg);
+    if (in.device != nullptr) {
+      copy_device_inputs(*in.device, pos, seg, ns);
+    } else {
+      copy_host_inputs(in, pos, seg, ns);
+    }
+    for (int64_t l = 0; l < L_; ++l)
+      forward_layer(real_, l, first, n, state_h(state_, l), state_c(state_, l));
+    readout_forward(real_, first, n);
+    T* out = nullptr;
+    if (in.outputs != nullptr) {
+      const size_t need = static_cast<size_t>(cfg_.k1 * B_ * O_);
+      if (outputs_.size() < need) outputs_.allocate(need);
+      out = outputs_.data();
+    }
+    loss_pass(real_, first, n, out, true);
+    if (out != nullptr) {
+      TBPTT_CUDA_CHECK(cudaMemcpyAsync(static_cast<T*>(in.outputs) + pos * B_ * O_, out,
+                                       static_cast<size_t>(n * B_ * O_) * sizeof(T),
+                                       cudaMemcpyDeviceToHost, stream()));
+    }
+  }
+
+  // Steps [pos, pos + n) of the caller's device arrays into the ring slots of
+  // the chunk's segments: cast, strided reads, flags to 0/1, unread targets 0.
+  void copy_device_inputs(const DeviceInputs& dv, int64_t pos, const Segment* seg, int ns) {
+    const View x = make_view(dv.x), target = make_view(dv.target);
+    const View mask = dv.has_mask ? make_view(dv.mask) : no_view();
+    const View none = no_view();
+    for (int i = 0; i < ns; ++i) {
+      const int64_t rows = seg[i].count * B_, r0 = seg[i].slot * B_,
+                    src = (pos + seg[i].offset) * B_;
+      gather<T>(x, GatherKind::kValue, none, 1, src * D_, rows * D_, real_.x.data() + r0 * D_);
+      if (dv.has_mask) {
+        gather<T>(mask, GatherKind::kFlag, none, 1, src, rows, real_.mask.data() + r0);
+        for (int64_t s = 0; s < seg[i].count; ++s)
+          pend_mask_ +=
+              static_cast<double>(mask_counts_[static_cast<size_t>(pos + seg[i].offset + s)]);
+      } else {
+        fill(real_.mask.data() + r0, rows, T(1));
+        pend_mask_ += static_cast<double>(rows);
+      }
+      if (dv.has_resets) {
+        gather<uint8_t>(make_view(dv.resets), GatherKind::kFlag, none, 1, src, rows,
+                        real_.resets.data() + r0);
+      } else {
+        TBPTT_CUDA_CHECK(
+            cudaMemsetAsync(real_.resets.data() + r0, 0, static_cast<size_t>(rows), stream()));
+      }
+      if (cfg_.loss == LossKind::kCrossEntropy) {
+        gather<int64_t>(target, GatherKind::kLabel, mask, 1, src, rows, real_.label.data() + r0);
+      } else {
+        gather<T>(target, GatherKind::kValue, mask, O_, src * O_, rows * O_,
+                  real_.target.data() + r0 * O_);
+      }
+    }
+  }
+
+  // The same from host arrays already in the engine's types (bindings.cpp).
+  void copy_host_inputs(const RunInputs& in, int64_t pos, const Segment* seg, int ns) {
     const T* x = static_cast<const T*>(in.x);
     const T* mask = static_cast<const T*>(in.mask);
     for (int i = 0; i < ns; ++i) {
@@ -385,21 +557,6 @@ class CudaEngine final : public EngineBase {
       } else {
         h2d(real_.target.data() + r0 * O_, static_cast<const T*>(in.target) + src * O_, rows * O_);
       }
-    }
-    for (int64_t l = 0; l < L_; ++l)
-      forward_layer(real_, l, first, n, state_h(state_, l), state_c(state_, l));
-    readout_forward(real_, first, n);
-    T* out = nullptr;
-    if (in.outputs != nullptr) {
-      const size_t need = static_cast<size_t>(cfg_.k1 * B_ * O_);
-      if (outputs_.size() < need) outputs_.allocate(need);
-      out = outputs_.data();
-    }
-    loss_pass(real_, first, n, out, true);
-    if (out != nullptr) {
-      TBPTT_CUDA_CHECK(cudaMemcpyAsync(static_cast<T*>(in.outputs) + pos * B_ * O_, out,
-                                       static_cast<size_t>(n * B_ * O_) * sizeof(T),
-                                       cudaMemcpyDeviceToHost, stream()));
     }
   }
 
@@ -728,6 +885,9 @@ class CudaEngine final : public EngineBase {
   DeviceBuffer<T> rc_state_;             // [L*S, B, H] running state of a recompute
   DeviceBuffer<T> outputs_;              // [k1, B, O] y of a chunk (when outputs are wanted)
   std::vector<T> grads_host_;            // [n_params_] staging for return_grads
+  DeviceBuffer<unsigned long long> scan_words_;  // scan(): first bad index, row counts
+  DeviceBuffer<double> scan_value_;              // scan(): the bad element (double, int64 bits)
+  std::vector<int64_t> mask_counts_;  // device inputs: nonzero mask entries per step of run()
   int64_t adam_step_ = 0;
 };
 

@@ -20,8 +20,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "tbptt/errors.h"
 
 namespace tbptt {
 
@@ -92,6 +95,97 @@ struct Config {
   void validate() const;
 };
 
+// Element types of a caller's device array (CUDA engine inputs). The codes
+// are shared with python/tbptt_fast/_device.py (ELEM_CODES).
+enum class ElemType : int {
+  kF16 = 0,
+  kF32 = 1,
+  kF64 = 2,
+  kBool = 3,
+  kI8 = 4,
+  kI16 = 5,
+  kI32 = 6,
+  kI64 = 7,
+  kU8 = 8,
+  kU16 = 9,
+  kU32 = 10,
+  kU64 = 11,
+};
+inline bool is_float(ElemType t) {
+  return t == ElemType::kF16 || t == ElemType::kF32 || t == ElemType::kF64;
+}
+inline size_t elem_size(ElemType t) {
+  switch (t) {
+    case ElemType::kF64:
+    case ElemType::kI64:
+    case ElemType::kU64:
+      return 8;
+    case ElemType::kF32:
+    case ElemType::kI32:
+    case ElemType::kU32:
+      return 4;
+    case ElemType::kF16:
+    case ElemType::kI16:
+    case ElemType::kU16:
+      return 2;
+    default:
+      return 1;
+  }
+}
+inline bool is_integer(ElemType t) {
+  return static_cast<int>(t) >= static_cast<int>(ElemType::kI8);
+}
+
+// A strided view of caller-owned CUDA device memory (rank <= 3, any strides,
+// any ElemType), borrowed for one call. `name` is used in error messages.
+struct DeviceView {
+  const void* data = nullptr;
+  ElemType type = ElemType::kF32;
+  int ndim = 0;
+  int64_t shape[3] = {1, 1, 1};
+  int64_t strides[3] = {0, 0, 0};  // in bytes
+  std::string name;
+  int64_t size() const {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    return n;
+  }
+};
+
+// run() inputs already on the device (CUDA engine only): x [T, B, D] float,
+// target [T, B, O] float (mse) or [T, B] integer (cross_entropy), optional
+// mask / resets [T, B] bool or numeric (nonzero = set). They are converted
+// into the engine's ring chunk by chunk on the device (cast, strides, labels
+// and targets zeroed where unread); nothing goes through the host. run()
+// checks labels and the mask again on the device and counts the mask; the
+// caller validates every value first with scan_device, for its messages.
+struct DeviceInputs {
+  DeviceView x, target, mask, resets;
+  bool has_mask = false, has_resets = false;
+};
+
+// One value check of a device array, run on the device (the device twin of
+// the NumPy validation in python/tbptt_fast/_validation.py).
+enum class ScanKind {
+  kFinite,  // float array: first NaN/Inf (only where the mask is set, if given)
+  kFlag,    // bool/numeric flags: first NaN/Inf; with row_len, nonzero count per row
+  kClass,   // integer class indices: first outside [0, num_classes) where the mask is set
+};
+struct ScanRequest {
+  DeviceView array;
+  ScanKind kind = ScanKind::kFinite;
+  const DeviceView* mask = nullptr;  // element i of `array` is read where mask[i / mask_div] != 0
+  int64_t mask_div = 1;
+  int64_t row_len = 0;  // kFlag: count nonzero entries per run of row_len elements
+  int64_t num_classes = 0;
+};
+struct ScanResult {
+  int64_t first_bad = -1;           // flat C-order index of the first bad element; -1: none
+  double value = 0.0;               // its value (floats and flags)
+  int64_t ivalue = 0;               // its value (integers; uint64: the same 64 bits)
+  std::vector<int64_t> row_counts;  // kFlag with row_len: [size / row_len]
+};
+
 // Inputs of one run() call. Every pointer is borrowed from the caller for the
 // duration of the call only; none may alias another or the parameters.
 struct RunInputs {
@@ -104,6 +198,9 @@ struct RunInputs {
   bool flush = false;               // update on the partial block at the end
   bool return_grads = false;        // fill RunResult::grads
   void* outputs = nullptr;          // [T, B, O] dtype written by run(); nullptr = not wanted
+  // Set (CUDA engine only): the inputs are device arrays and x, target, mask
+  // and resets above are unused. outputs stays a host array.
+  const DeviceInputs* device = nullptr;
 };
 
 // Owning host array in the engine's dtype (bytes hold shape-product elements).
@@ -161,6 +258,14 @@ class EngineBase {
   // construction; push re-reads them.
   virtual void pull_params() = 0;
   virtual void push_params() = 0;
+
+  // Value check of a device array (CUDA engine only; others throw
+  // std::invalid_argument). Waits for all work queued on the device first,
+  // so the producer's writes are seen.
+  virtual ScanResult scan_device(const ScanRequest& req) {
+    throw std::invalid_argument(
+        str_cat(req.array.name, " is a CUDA array; this backend takes host arrays"));
+  }
 };
 
 // Factories. `params` are P borrowed host pointers in canonical order, shapes

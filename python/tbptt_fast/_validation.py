@@ -158,3 +158,83 @@ def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
         b = batch if batch is not None else (out[0].shape[0] if out else None)
         out.append(float_array(sub, a, (b, H), ("B", "H"), model.dtype))
     return out
+
+
+def device_data(model, loss, names, values, views, *, step: bool, scan) -> tuple:
+    """Validate one call's CUDA arrays (see ``_device.py``) as the host path does.
+
+    ``names``/``values``/``views``: x, target, mask, resets (views from
+    ``_device.cuda_array``, None for an argument that is None). Shapes and
+    dtypes are checked here; values on the device by ``scan`` (the CUDA
+    engine's ``scan_device``), in the host path's order and with its messages.
+    Returns the engine's ``run_device`` data arguments ``(x, target, mask,
+    resets)``, with a time axis added for ``step``.
+    """
+    x_name, t_name, m_name, r_name = names
+    given = next(n for n, v in zip(names, views, strict=True) if v is not None)
+    for name, value, view in zip(names, values, views, strict=True):
+        if view is None and (value is not None or name in (x_name, t_name)):
+            what = "None" if value is None else f"a host array ({type(value).__name__})"
+            raise TypeError(
+                f"{name} is {what} but {given} is a CUDA array; pass {x_name}, {t_name} and "
+                f"any {m_name} / {r_name} as arrays on the same CUDA device"
+            )
+    x, t, m, r = views
+    lead = ("B",) if step else ("T", "B")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{x_name} must be a floating-point array, got dtype {x.dtype}")
+    _check_shape(x_name, x, (*(None,) * len(lead), model.input_size), (*lead, "D"))
+    if 0 in x.shape:
+        raise ValueError(f"{x_name} must not be empty, got shape {_fmt(x.shape)}")
+
+    def first_bad(name, view, kind, mask=None, mask_div=1, num_classes=0):
+        """(index of the first bad element or None, its value, its integer value)"""
+        mspec = None if mask is None else mask.spec(m_name)
+        bad, value, ivalue, _ = scan(view.spec(name), kind, mspec, mask_div, 0, num_classes)
+        idx = None if bad < 0 else [int(i) for i in np.unravel_index(bad, view.shape)]
+        return idx, value, ivalue
+
+    idx, value, _ = first_bad(x_name, x, "finite")
+    if idx is not None:
+        raise ValueError(f"{x_name} must be finite, found {value} at index {idx}")
+    lead_shape = x.shape[: len(lead)]
+    for name, view in ((m_name, m), (r_name, r)):
+        if view is None:
+            continue
+        _check_shape(name, view, lead_shape, lead)
+        idx, _, _ = first_bad(name, view, "flag")
+        if idx is not None:
+            raise ValueError(f"{name} must not contain NaN or Inf")
+    if loss == "mse":
+        if t.dtype.kind != "f":
+            raise TypeError(f"{t_name} must be a floating-point array, got dtype {t.dtype}")
+        _check_shape(t_name, t, (*lead_shape, model.output_size), (*lead, "O"))
+        idx, value, _ = first_bad(t_name, t, "finite", m, mask_div=model.output_size)
+        if idx is not None:
+            raise ValueError(f"{t_name} must be finite, found {value} at index {idx}")
+    else:
+        if t.dtype.kind not in "iu":
+            raise TypeError(
+                f"{t_name} must be an integer array of class indices for cross_entropy, "
+                f"got dtype {t.dtype}"
+            )
+        _check_shape(t_name, t, lead_shape, lead)
+        O = model.output_size
+        idx, _, ivalue = first_bad(t_name, t, "class", m, num_classes=O)
+        if idx is not None:
+            if t.dtype == np.uint64:
+                ivalue %= 2**64  # the engine returns the element's 64 bits as int64
+            raise ValueError(
+                f"{t_name} must hold class indices in [0, {O}) where mask is set, "
+                f"got {ivalue} at index {idx}"
+            )
+    if step:
+        x, t = x.with_time_axis(), t.with_time_axis()
+        m = None if m is None else m.with_time_axis()
+        r = None if r is None else r.with_time_axis()
+    return (
+        x.spec(x_name),
+        t.spec(t_name),
+        None if m is None else m.spec(m_name),
+        None if r is None else r.spec(r_name),
+    )

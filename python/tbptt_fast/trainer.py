@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _validation as V
 from ._backend import BACKENDS, make_engine
+from ._device import cuda_array, is_torch
 from .model import Model
 from .optim import SGD, Adam
 from .reference import param_names
@@ -24,6 +25,17 @@ class NonFiniteError(RuntimeError):
     The message names the step of the failed update; the parameters and the
     optimizer state are as they were before that update.
     """
+
+
+@dataclass
+class _Data:
+    """One call's validated data: the engine's ``run`` (host arrays) or
+    ``run_device`` (CUDA array specs) positional data arguments."""
+
+    args: tuple
+    batch: int
+    device: bool
+    keep: tuple = ()
 
 
 class _SameAsK1:
@@ -151,13 +163,31 @@ class Trainer:
                 raise ValueError(f"parameter {name} must be finite, found NaN or Inf")
         self._checked_version = self.model._version
 
-    def _check_data(self, x, target, mask, resets, *, step: bool):
-        """Validate and convert one call's data; returns engine-ready arrays."""
+    def _check_data(self, x, target, mask, resets, *, step: bool) -> _Data:
+        """Validate and convert one call's data for the engine."""
         m = self.model
         if step:
             xs, lead = ("x_t", "target_t", "mask_t", "reset_t"), ("B",)
         else:
             xs, lead = ("x", "target", "mask", "resets"), ("T", "B")
+        values = (x, target, mask, resets)
+        # host backends copy PyTorch tensors from any device, as before (_to_numpy)
+        views = [
+            None if self.backend != "cuda" and is_torch(v) else cuda_array(v, n)
+            for v, n in zip(values, xs, strict=True)
+        ]
+        if any(v is not None for v in views):
+            name = next(n for n, v in zip(xs, views, strict=True) if v is not None)
+            if self.backend != "cuda":
+                raise TypeError(
+                    f"{name} is a CUDA array but backend={self.backend!r} reads host memory: "
+                    "use backend='cuda', or copy it to the host first (e.g. CuPy's .get())"
+                )
+            args = V.device_data(
+                m, self.loss, xs, values, views, step=step, scan=self._engine.scan_device
+            )
+            # the views keep their memory alive (a DLPack capsule may be its only owner)
+            return _Data(args, views[0].shape[-2], device=True, keep=tuple(views))
         x_name, t_name, m_name, r_name = xs
         xa = V.float_array(x_name, x, (*(None,) * len(lead), m.input_size), (*lead, "D"), m.dtype)
         lead_shape = xa.shape[: len(lead)]
@@ -184,7 +214,12 @@ class Trainer:
         # None stays None (all ones / no resets): nothing of size T is allocated
         mask_f = None if mask_b is None else np.ascontiguousarray(mask_b, dtype=m.dtype)
         resets_u8 = None if reset_b is None else np.ascontiguousarray(reset_b, dtype=np.uint8)
-        return xa, ta, mask_f, resets_u8  # the validators return C-contiguous arrays
+        # the validators return C-contiguous arrays
+        return _Data((xa, ta, mask_f, resets_u8), xa.shape[1], device=False)
+
+    def _run_data(self, data: _Data, flush: bool, return_grads: bool, return_outputs: bool):
+        run = self._engine.run_device if data.device else self._engine.run
+        return self._run(run, *data.args, flush, return_grads, return_outputs)
 
     def _check_batch(self, batch: int, name: str) -> None:
         if self._batch is not None and batch != self._batch:
@@ -231,12 +266,19 @@ class Trainer:
             return_grads, return_outputs: also return each update's gradient
                 (before clipping) / the readout outputs [T, B, O].
 
+        Data arrays are NumPy arrays (or anything ``numpy.asarray`` takes) on
+        every backend. With ``backend="cuda"`` they may instead all be CUDA
+        arrays (CuPy, PyTorch CUDA tensors, anything with
+        ``__cuda_array_interface__`` or CUDA DLPack), of any strides and any
+        float / int / bool dtype as above: they are validated and read in place
+        on the GPU, without a copy through the host. Results stay NumPy arrays.
+
         Everything is validated before the first step; on a validation error
         nothing changes. A non-finite loss or gradient raises
         :class:`NonFiniteError` naming the update step.
         """
-        xa, ta, ma, ra = self._check_data(x, target, mask, resets, step=False)
-        batch = xa.shape[1]
+        data = self._check_data(x, target, mask, resets, step=False)
+        batch = data.batch
         init = None
         if initial_state is not None:
             init = V.initial_state(initial_state, self.model, batch)
@@ -246,8 +288,8 @@ class Trainer:
         if init is not None:
             self._engine.reset(init)
         self._batch = self._last_batch = batch
-        losses, steps, grads, outputs = self._run(
-            self._engine.run, xa, ta, ma, ra, bool(flush), bool(return_grads), bool(return_outputs)
+        losses, steps, grads, outputs = self._run_data(
+            data, bool(flush), bool(return_grads), bool(return_outputs)
         )
         return FitResult(
             losses=np.asarray(losses, dtype=np.float64),
@@ -260,13 +302,14 @@ class Trainer:
         """Streaming: run one step; returns the update's loss if one happened, else None.
 
         x_t [B, D]; target_t [B, O] (mse) or [B] integers (cross_entropy);
-        mask_t, reset_t optional [B] bool/numeric.
+        mask_t, reset_t optional [B] bool/numeric. As in :meth:`fit`, the
+        cuda backend also takes CUDA arrays.
         """
-        xa, ta, ma, ra = self._check_data(x_t, target_t, mask_t, reset_t, step=True)
-        self._check_batch(xa.shape[1], "x_t")
+        data = self._check_data(x_t, target_t, mask_t, reset_t, step=True)
+        self._check_batch(data.batch, "x_t")
         self._check_params()
-        self._batch = self._last_batch = xa.shape[1]
-        losses, _, _, _ = self._run(self._engine.run, xa, ta, ma, ra, False, False, False)
+        self._batch = self._last_batch = data.batch
+        losses, _, _, _ = self._run_data(data, False, False, False)
         return float(losses[0]) if len(losses) else None
 
     def flush(self) -> float | None:
