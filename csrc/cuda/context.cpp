@@ -37,6 +37,14 @@ int require_device() {
   (void)cublas_api();  // throws its own message naming cuBLAS
   int dev = 0;
   TBPTT_CUDA_CHECK(cudaGetDevice(&dev));
+  if (!kernels_run_here(&why)) {
+    cudaDeviceProp prop{};
+    TBPTT_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+    throw std::runtime_error(
+        str_cat("CUDA backend unavailable: this build's kernels do not run on ", prop.name,
+                " (compute capability ", prop.major, ".", prop.minor, "; ", why,
+                "); rebuild with -DTBPTT_CUDA_ARCHITECTURES=", prop.major, prop.minor));
+  }
   return dev;
 }
 
@@ -44,7 +52,8 @@ int require_device() {
 
 bool tbptt::cuda_device_available() {
   try {
-    return cuda::device_count(nullptr) > 0 && cuda::cublas_loadable();
+    return cuda::device_count(nullptr) > 0 && cuda::cublas_loadable() &&
+           cuda::kernels_run_here(nullptr);
   } catch (...) {
     return false;
   }

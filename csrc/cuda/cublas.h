@@ -69,4 +69,18 @@ class Blas {
   cublasHandle_t handle_ = nullptr;
 };
 
+// The specialisations defined in cublas.cpp (float and double only).
+template <>
+void Blas::gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                       const float*, int64_t, float, float*, int64_t);
+template <>
+void Blas::gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                        const double*, int64_t, double, double*, int64_t);
+template <>
+void Blas::gemv_t<float>(int64_t, int64_t, float, const float*, int64_t, const float*, float,
+                         float*);
+template <>
+void Blas::gemv_t<double>(int64_t, int64_t, double, const double*, int64_t, const double*, double,
+                          double*);
+
 }  // namespace tbptt::cuda

@@ -74,6 +74,22 @@ class DeviceBuffer {
   size_t n_ = 0;
 };
 
+// Makes `device` current for a scope and gives the caller's current device
+// back afterwards, so a multi-GPU caller (PyTorch, CuPy) keeps its own.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    TBPTT_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) TBPTT_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() { (void)cudaSetDevice(prev_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
 // A non-blocking stream owned by one engine.
 class Stream {
  public:

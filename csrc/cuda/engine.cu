@@ -165,7 +165,7 @@ class CudaEngine final : public EngineBase {
   const Config& config() const override { return cfg_; }
 
   void reset(const std::vector<const void*>* initial_state, int64_t batch) override {
-    use_device();
+    const DeviceGuard guard(device_);
     count_ = pending_ = last_update_ = 0;
     pend_mask_ = 0.0;
     if (initial_state == nullptr) {
@@ -187,7 +187,7 @@ class CudaEngine final : public EngineBase {
   }
 
   RunResult run(const RunInputs& in) override {
-    use_device();
+    const DeviceGuard guard(device_);
     TBPTT_CHECK_ARG(in.steps >= 1, "x must have at least one step, got ", in.steps);
     TBPTT_CHECK_ARG(in.batch >= 1, "batch must be >= 1, got ", in.batch);
     if (in.device != nullptr) {
@@ -226,7 +226,7 @@ class CudaEngine final : public EngineBase {
   }
 
   RunResult flush(bool return_grads) override {
-    use_device();
+    const DeviceGuard guard(device_);
     RunResult res;
     if (pending_ > 0) update(count_, return_grads, res);
     stream_.sync();
@@ -239,7 +239,7 @@ class CudaEngine final : public EngineBase {
     TBPTT_CHECK_RT(has_state_, "no state: no step has run since the last reset");
     TBPTT_CHECK_ARG(static_cast<int64_t>(out.size()) == L_ * S_, "state needs ", L_ * S_,
                     " output arrays, got ", out.size());
-    TBPTT_CUDA_CHECK(cudaSetDevice(device_));
+    const DeviceGuard guard(device_);
     const int64_t bh = B_ * H_;
     for (int64_t i = 0; i < L_ * S_; ++i) {
       TBPTT_CUDA_CHECK(cudaMemcpyAsync(out[static_cast<size_t>(i)], state_.data() + i * bh,
@@ -250,7 +250,7 @@ class CudaEngine final : public EngineBase {
   }
 
   ScanResult scan_device(const ScanRequest& req) override {
-    use_device();
+    const DeviceGuard guard(device_);
     check_on_device(req.array);
     if (req.mask != nullptr) check_on_device(*req.mask);
     TBPTT_CUDA_CHECK(cudaDeviceSynchronize());  // the producer's writes, on any stream
@@ -262,7 +262,7 @@ class CudaEngine final : public EngineBase {
   int64_t stored_steps() const override { return cfg_.history_steps(count_); }
 
   void pull_params() override {
-    use_device();
+    const DeviceGuard guard(device_);
     for (int64_t i = 0; i < cfg_.num_params(); ++i) {
       TBPTT_CUDA_CHECK(cudaMemcpyAsync(host_params_[static_cast<size_t>(i)], param(i),
                                        static_cast<size_t>(cfg_.param_size(i)) * sizeof(T),
@@ -272,7 +272,7 @@ class CudaEngine final : public EngineBase {
   }
 
   void push_params() override {
-    use_device();
+    const DeviceGuard guard(device_);
     for (int64_t i = 0; i < cfg_.num_params(); ++i)
       h2d(param(i), host_params_[static_cast<size_t>(i)], cfg_.param_size(i));
     stream_.sync();
@@ -281,7 +281,6 @@ class CudaEngine final : public EngineBase {
  private:
   // ---- small helpers ----------------------------------------------------
   cudaStream_t stream() const { return stream_.get(); }
-  void use_device() const { TBPTT_CUDA_CHECK(cudaSetDevice(device_)); }
 
   // A caller's device array must be device (or managed) memory of our device.
   void check_on_device(const DeviceView& v) const {
@@ -908,6 +907,17 @@ std::unique_ptr<EngineBase> make_typed(const Config& cfg, const std::vector<void
 
 }  // namespace
 }  // namespace tbptt::cuda
+
+// Whether this build's kernels have an image (machine code or PTX) the
+// current device can run; cudaFuncGetAttributes says so without a launch.
+bool tbptt::cuda::kernels_run_here(std::string* why) {
+  cudaFuncAttributes attr{};
+  const cudaError_t e = cudaFuncGetAttributes(&attr, cuda::fill_kernel<float>);
+  if (e == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  if (why != nullptr) *why = str_cat(cudaGetErrorName(e), ": ", cudaGetErrorString(e));
+  return false;
+}
 
 std::unique_ptr<tbptt::EngineBase> tbptt::make_cuda_engine(const Config& cfg,
                                                            const std::vector<void*>& params) {
