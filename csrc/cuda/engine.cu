@@ -38,6 +38,7 @@
 #include "cuda/context.h"
 #include "cuda/cublas.h"
 #include "cuda/device.h"
+#include "cuda/graphs.h"
 #include "cuda/inputs.cuh"
 #include "cuda/kernels.cuh"
 #include "tbptt/engine_api.h"
@@ -159,6 +160,7 @@ class CudaEngine final : public EngineBase {
     partial_bad_.allocate(kReduceBlocks);
     status_.allocate(kStatusWords);
     ring_.set_capacity(cfg_.ring_capacity());
+    graphs_.enable(GraphCache::requested() && !cfg_.unbounded());
     push_params();
   }
 
@@ -436,6 +438,7 @@ class CudaEngine final : public EngineBase {
   const uint8_t* resets(int64_t slot) { return real_.resets.data() + slot * B_; }
 
   void allocate_ring(int64_t k, bool keep) {
+    graphs_.clear();  // they hold pointers into the buffers below
     ring_.set_capacity(k);
     real_.allocate(cfg_, k, B_, true, keep, stream());
     if (cfg_.overlap == OverlapKind::kRecompute) rc_.allocate(cfg_, k, B_, false, false, stream());
@@ -448,6 +451,7 @@ class CudaEngine final : public EngineBase {
 
   void ensure_batch(int64_t b) {
     if (b == B_) return;  // B_ is 0 until the first allocation; b >= 1
+    graphs_.clear();      // they hold pointers into the buffers below
     B_ = b;
     allocate_ring(ring_.capacity(), false);
     const size_t n = static_cast<size_t>(L_ * S_ * B_ * H_);
@@ -585,6 +589,14 @@ class CudaEngine final : public EngineBase {
           B_, H_, c_state, c_init, resets(slot0), c_in(st, l, slot0));
       TBPTT_CUDA_CHECK(cudaGetLastError());
     }
+    const GraphKey key{&st, h_state, l, slot0, n, false};
+    graphs_.run(key, stream(), [&] { forward_steps(st, l, first, n, h_state, c_state); });
+  }
+
+  // The per-step part of forward_layer: per step h W_hh^T and one cell kernel.
+  void forward_steps(Store<T>& st, int64_t l, int64_t first, int64_t n, T* h_state, T* c_state) {
+    const T* h_init = state_h(init_, l);
+    const T* c_init = state_c(init_, l);
     for (int64_t s = first; s < first + n; ++s) {
       const int64_t slot = ring_.slot(s);
       const bool last = s + 1 == first + n;
@@ -810,28 +822,8 @@ class CudaEngine final : public EngineBase {
     }
     T* dgu_all = kGru ? dgu_.data() : dg_.data();
     for (int64_t l = L_ - 1; l >= 0; --l) {
-      for (int64_t s = t; s > w; --s) {
-        const int64_t slot = ring_.slot(s);
-        CellBwd<T> a{};
-        a.batch = B_;
-        a.hidden = H_;
-        a.gates = gates(act, l, slot);
-        a.h_in = h_in(act, l, slot);
-        a.c_in = c_in(act, l, slot);
-        a.aux = aux(act, l, slot);
-        a.dh_in = dh_.data() + slot * B_ * H_;
-        a.dh_carry = dh_carry_.data();
-        a.dc_carry = dc_carry_.data();
-        a.has_carry = s < t;
-        a.carry_reset = s < t ? resets(ring_.slot(s + 1)) : nullptr;
-        a.dg = dg_.data() + slot * B_ * GH_;
-        a.dgu = dgu_all + slot * B_ * GH_;
-        launch_backward(a);
-        if (s > w + 1) {  // the carry into step s - 1, through W_hh
-          blas_.gemm<T>(false, false, B_, H_, GH_, T(1), a.dgu, GH_, w_hh(l), H_,
-                        kGru ? T(1) : T(0), dh_carry_.data(), H_);
-        }
-      }
+      const GraphKey key{&act, nullptr, l, ring_.slot(t), t - w, true};
+      graphs_.run(key, stream(), [&] { backward_steps(act, l, t, w); });
       const int64_t d = d_in(l);
       const T* xin = l == 0 ? real_.x.data() : layer_out(act, l - 1);
       const T* hin = act.layers[static_cast<size_t>(l)].h_in.data();
@@ -853,6 +845,34 @@ class CudaEngine final : public EngineBase {
       }
       // rnn, lstm: u and a enter the gates alike, so d b_hh = d b_ih
       if (!kGru) d2d(grad(4 * l + 3), grad(4 * l + 2), GH_);
+    }
+  }
+
+  // The per-step part of layer l's backward over the window (w, t]: per step
+  // one cell kernel and the carry dG W_hh into the step before.
+  void backward_steps(Store<T>& act, int64_t l, int64_t t, int64_t w) {
+    T* dgu_all = kGru ? dgu_.data() : dg_.data();
+    for (int64_t s = t; s > w; --s) {
+      const int64_t slot = ring_.slot(s);
+      CellBwd<T> a{};
+      a.batch = B_;
+      a.hidden = H_;
+      a.gates = gates(act, l, slot);
+      a.h_in = h_in(act, l, slot);
+      a.c_in = c_in(act, l, slot);
+      a.aux = aux(act, l, slot);
+      a.dh_in = dh_.data() + slot * B_ * H_;
+      a.dh_carry = dh_carry_.data();
+      a.dc_carry = dc_carry_.data();
+      a.has_carry = s < t;
+      a.carry_reset = s < t ? resets(ring_.slot(s + 1)) : nullptr;
+      a.dg = dg_.data() + slot * B_ * GH_;
+      a.dgu = dgu_all + slot * B_ * GH_;
+      launch_backward(a);
+      if (s > w + 1) {  // the carry into step s - 1, through W_hh
+        blas_.gemm<T>(false, false, B_, H_, GH_, T(1), a.dgu, GH_, w_hh(l), H_, kGru ? T(1) : T(0),
+                      dh_carry_.data(), H_);
+      }
     }
   }
 
@@ -887,6 +907,7 @@ class CudaEngine final : public EngineBase {
   DeviceBuffer<unsigned long long> scan_words_;  // scan(): first bad index, row counts
   DeviceBuffer<double> scan_value_;              // scan(): the bad element (double, int64 bits)
   std::vector<int64_t> mask_counts_;  // device inputs: nonzero mask entries per step of run()
+  GraphCache graphs_;                 // TBPTT_CUDA_GRAPHS=1: per-step sequences as CUDA graphs
   int64_t adam_step_ = 0;
 };
 

@@ -61,11 +61,19 @@ PYEOF
 if [ "${PIPESTATUS[0]}" != 0 ]; then note "CUDA NOT AVAILABLE"; exit 1; fi
 
 note "tests: CUDA rows of the suite (-k cuda)"
-timeout 240 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider -m "gpu or not gpu" -k cuda \
+timeout 200 "$PY" -m pytest tests -q --maxfail=10 -p no:cacheprovider -m "gpu or not gpu" -k cuda \
   --durations=15 > "$LOG/tests.log" 2>&1
 rc=$?
 tail -40 "$LOG/tests.log"
 [ $rc = 0 ] || { note "TESTS FAILED rc=$rc"; status=1; }
+
+note "tests again with CUDA graphs on (TBPTT_CUDA_GRAPHS=1): battery and invariants"
+TBPTT_CUDA_GRAPHS=1 timeout 100 "$PY" -m pytest tests/test_native_battery.py tests/test_invariants.py \
+  tests/test_cuda_device_inputs.py -q --maxfail=10 -p no:cacheprovider -m "gpu or not gpu" -k cuda \
+  > "$LOG/tests-graphs.log" 2>&1
+rc=$?
+tail -15 "$LOG/tests-graphs.log"
+[ $rc = 0 ] || { note "TESTS WITH GRAPHS FAILED rc=$rc"; status=1; }
 
 note "compute-sanitizer memcheck (small subset vs the NumPy reference)"
 cat > /tmp/tbptt_memcheck.py <<'PYEOF'
@@ -116,7 +124,7 @@ for cell, dtype, overlap, loss, k1, k2, L in [
 print(f"memcheck subset ok; worst error / tol = {worst:.3g}")
 PYEOF
 if command -v compute-sanitizer > /dev/null; then
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
     "$PY" /tmp/tbptt_memcheck.py > "$LOG/memcheck.log" 2>&1
   rc=$?
   tail -15 "$LOG/memcheck.log"
@@ -128,14 +136,15 @@ fi
 
 note "bench: CUDA rows"
 if "$PY" -m tbptt_fast bench --help 2>/dev/null | grep -q -- "cuda"; then
-  timeout 150 "$PY" -m tbptt_fast bench --backend cuda 2>&1 | tee "$LOG/bench.log"
+  timeout 120 "$PY" -m tbptt_fast bench --backend cuda 2>&1 | tee "$LOG/bench.log"
 else
-  timeout 150 "$PY" - <<'PYEOF' 2>&1 | tee "$LOG/bench.log"
+  timeout 140 "$PY" - <<'PYEOF' 2>&1 | tee "$LOG/bench.log"
 # LSTM, B=64, D=H: tbptt_fast cuda (fit over the whole sequence, data from
 # the host) against PyTorch nn.LSTM (cuDNN) with the usual detach loop, data
 # already on the GPU. TBPTT(k, k): one chunk per update; TBPTT(16, 64): torch
 # re-runs the last 64 steps every 16 from the state saved then (the standard
 # way to get overlapping windows in PyTorch).
+import os
 import time
 import numpy as np
 import tbptt_fast as tb
@@ -150,10 +159,13 @@ try:
 except ImportError:
     cupy = None
 
-def ours(H, k1, k2, T, B=64, on_gpu=False):
-    """Seconds for one fit over T steps; on_gpu: the data are CuPy arrays (read in place)."""
+def ours(H, k1, k2, T, B=64, on_gpu=False, graphs=False):
+    """Seconds for one fit over T steps; on_gpu: the data are CuPy arrays (read in place);
+    graphs: TBPTT_CUDA_GRAPHS=1 (read when the trainer is made)."""
     m = tb.Model("lstm", input_size=H, hidden_size=H, output_size=H, seed=0)
+    os.environ["TBPTT_CUDA_GRAPHS"] = "1" if graphs else "0"
     tr = tb.Trainer(m, k1=k1, k2=k2, optimizer=tb.SGD(lr=1e-3), backend="cuda")
+    os.environ.pop("TBPTT_CUDA_GRAPHS")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, H)).astype(np.float32)
     y = rng.standard_normal((T, B, H)).astype(np.float32)
@@ -198,16 +210,19 @@ def theirs(H, k1, k2, T, B=64, tf32=True):
     run(T)
     return time.perf_counter() - t
 
-print("ours: data from the host; ours-gpu: CuPy arrays read in place; speedup = torch / ours-gpu")
-print(f"{'H':>5} {'k1':>3} {'k2':>3} {'T':>5} {'ours s':>8} {'ours-gpu s':>10} {'torch s':>8} {'torch-fp32 s':>12} {'speedup':>8}")
+print("ours: data from the host; ours-gpu: CuPy arrays read in place; +graphs: also")
+print("TBPTT_CUDA_GRAPHS=1; speedup = torch / best of ours")
+print(f"{'H':>5} {'k1':>3} {'k2':>3} {'T':>5} {'ours s':>8} {'ours-gpu s':>10} {'+graphs s':>9} {'torch s':>8} {'torch-fp32 s':>12} {'speedup':>8}")
 for H in (64, 256, 1024):
     for k1, k2 in ((64, 64), (16, 64)):
         T = 2048 if H < 1024 else 1024
         a = ours(H, k1, k2, T)
         g = ours(H, k1, k2, T, on_gpu=True)
+        gg = ours(H, k1, k2, T, on_gpu=True, graphs=True)
         b = theirs(H, k1, k2, T) if torch is not None else float("nan")
         c = theirs(H, k1, k2, T, tf32=False) if torch is not None else float("nan")
-        print(f"{H:5d} {k1:3d} {k2:3d} {T:5d} {a:8.3f} {g:10.3f} {b:8.3f} {c:12.3f} {b / g:8.2f}x", flush=True)
+        best = min(a, g, gg)
+        print(f"{H:5d} {k1:3d} {k2:3d} {T:5d} {a:8.3f} {g:10.3f} {gg:9.3f} {b:8.3f} {c:12.3f} {b / best:8.2f}x", flush=True)
 PYEOF
 fi
 note "done, status=$status"
