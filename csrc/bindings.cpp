@@ -512,6 +512,20 @@ PYBIND11_MODULE(_core, m) {
       .def("run_device", &Handle<1>::run_device, py::arg("x"), py::arg("target"), py::arg("mask"),
            py::arg("resets"), py::arg("flush") = false, py::arg("return_grads") = false,
            py::arg("return_outputs") = false)
+      .def(
+          "graph_stats",
+          [](const Handle<1>& h) {
+            std::string why;
+            const auto v = h.engine->graph_stats(&why);
+            py::dict d;
+            d["recorded"] = v[0];
+            d["replayed"] = v[1];
+            d["direct"] = v[2];
+            d["failed"] = v[3];
+            d["first_failure"] = why;
+            return d;
+          },
+          "CUDA graph use (TBPTT_CUDA_GRAPHS): counts and the first capture failure.")
       .def("scan_device", &Handle<1>::scan_device, py::arg("array"), py::arg("kind"),
            py::arg("mask") = py::none(), py::arg("mask_div") = 1, py::arg("row_len") = 0,
            py::arg("num_classes") = 0);

@@ -160,7 +160,7 @@ class CudaEngine final : public EngineBase {
     partial_bad_.allocate(kReduceBlocks);
     status_.allocate(kStatusWords);
     ring_.set_capacity(cfg_.ring_capacity());
-    graphs_.enable(GraphCache::requested() && !cfg_.unbounded());
+    graphs_.set_mode(cfg_.unbounded() ? GraphCache::Mode::kOff : GraphCache::requested());
     push_params();
   }
 
@@ -257,6 +257,12 @@ class CudaEngine final : public EngineBase {
     if (req.mask != nullptr) check_on_device(*req.mask);
     TBPTT_CUDA_CHECK(cudaDeviceSynchronize());  // the producer's writes, on any stream
     return scan(req);
+  }
+
+  std::vector<int64_t> graph_stats(std::string* first_failure) const override {
+    const GraphStats& g = graphs_.stats();
+    if (first_failure != nullptr) *first_failure = g.first_failure;
+    return {g.recorded, g.replayed, g.direct, g.failed};
   }
 
   int64_t step_count() const override { return count_; }
@@ -589,7 +595,8 @@ class CudaEngine final : public EngineBase {
           B_, H_, c_state, c_init, resets(slot0), c_in(st, l, slot0));
       TBPTT_CUDA_CHECK(cudaGetLastError());
     }
-    const GraphKey key{&st, h_state, l, slot0, n, false};
+    const GraphKey key{
+        reinterpret_cast<uintptr_t>(&st), reinterpret_cast<uintptr_t>(h_state), l, slot0, n, false};
     graphs_.run(key, stream(), [&] { forward_steps(st, l, first, n, h_state, c_state); });
   }
 
@@ -822,7 +829,7 @@ class CudaEngine final : public EngineBase {
     }
     T* dgu_all = kGru ? dgu_.data() : dg_.data();
     for (int64_t l = L_ - 1; l >= 0; --l) {
-      const GraphKey key{&act, nullptr, l, ring_.slot(t), t - w, true};
+      const GraphKey key{reinterpret_cast<uintptr_t>(&act), 0, l, ring_.slot(t), t - w, true};
       graphs_.run(key, stream(), [&] { backward_steps(act, l, t, w); });
       const int64_t d = d_in(l);
       const T* xin = l == 0 ? real_.x.data() : layer_out(act, l - 1);

@@ -10,8 +10,9 @@
 // sequence bakes in (device pointers, sizes) follows from that key as long as
 // no buffer is reallocated; the engine clears the cache whenever one is.
 //
-// Off by default: it has not run on a GPU yet (see README.md). Capture
-// failures fall back to launching the sequence directly.
+// Off by default: it has not run on a GPU yet (see README.md). A failed
+// capture falls back to launching that sequence directly (and is counted in
+// GraphStats), or throws with TBPTT_CUDA_GRAPHS=strict.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,6 +21,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -28,8 +32,8 @@
 namespace tbptt::cuda {
 
 struct GraphKey {
-  const void* store;  // which activations (real forward or recompute)
-  const void* state;  // running state buffer (forward) or nullptr (backward)
+  uintptr_t store;  // which activations (real forward or recompute)
+  uintptr_t state;  // running state buffer (forward) or 0 (backward)
   int64_t layer, slot, steps;
   bool backward;
   bool operator<(const GraphKey& o) const {
@@ -56,69 +60,105 @@ class GraphExec {
   cudaGraphExec_t exec_ = nullptr;
 };
 
+// What the cache did, for tests and benchmarks (a fallback is otherwise silent).
+struct GraphStats {
+  int64_t recorded = 0, replayed = 0, direct = 0, failed = 0;
+  std::string first_failure;
+};
+
 class GraphCache {
  public:
   static constexpr int64_t kMinSteps = 4;    // shorter sequences launch directly
   static constexpr size_t kMaxGraphs = 512;  // then new sequences launch directly
+  static constexpr size_t kMaxSeen = 4096;   // keys seen once, waiting for a second time
 
-  // TBPTT_CUDA_GRAPHS=1 (and a ring that never grows, i.e. k2 bounded).
-  static bool requested() {
+  enum class Mode { kOff, kOn, kStrict };
+  // TBPTT_CUDA_GRAPHS: unset/0 off, 1 on, "strict" on and a failed capture throws.
+  static Mode requested() {
     const char* v = std::getenv("TBPTT_CUDA_GRAPHS");
-    return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+    if (v == nullptr || v[0] == '\0' || std::strcmp(v, "0") == 0) return Mode::kOff;
+    return std::strcmp(v, "strict") == 0 ? Mode::kStrict : Mode::kOn;
   }
 
-  void enable(bool on) { enabled_ = on; }
-  bool enabled() const { return enabled_; }
-  void clear() { graphs_.clear(); }
+  void set_mode(Mode m) { mode_ = m; }
+  const GraphStats& stats() const { return stats_; }
+  void clear() {
+    graphs_.clear();
+    seen_.clear();
+    failed_.clear();
+  }
 
   // Runs `body` (which only enqueues kernels and cuBLAS calls on `stream` and
   // changes nothing on the host, so it may run twice) through the graph of
-  // `key`, recording it first if needed.
+  // `key`. A key is recorded the second time it comes (a one-off sequence
+  // would pay the recording for nothing); a key whose capture failed runs
+  // directly from then on.
   template <typename F>
   void run(const GraphKey& key, cudaStream_t stream, F&& body) {
-    if (!enabled_ || key.steps < kMinSteps) {
+    if (mode_ == Mode::kOff || key.steps < kMinSteps) {
       body();
       return;
     }
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
-      if (graphs_.size() >= kMaxGraphs) {
+      if (graphs_.size() >= kMaxGraphs || failed_.count(key) != 0 || !seen_before(key)) {
+        ++stats_.direct;
         body();
         return;
       }
-      cudaGraphExec_t exec = record(stream, body);
-      if (exec == nullptr) {  // capture unsupported here: launch directly from now on
-        enabled_ = false;
-        graphs_.clear();
+      std::string why;
+      cudaGraphExec_t exec = record(stream, body, &why);
+      if (exec == nullptr) {  // nothing of body has run
+        ++stats_.failed;
+        if (stats_.first_failure.empty()) stats_.first_failure = why;
+        if (mode_ == Mode::kStrict) throw std::runtime_error("CUDA graph capture failed: " + why);
+        failed_.insert(key);
+        ++stats_.direct;
         body();
         return;
       }
       it = graphs_.emplace(key, GraphExec(exec)).first;
+      ++stats_.recorded;
     }
+    ++stats_.replayed;
     TBPTT_CUDA_CHECK(cudaGraphLaunch(it->second.get(), stream));
   }
 
  private:
-  // The instantiated graph of body's launches, or nullptr if capture failed
-  // (nothing of body has run then).
+  bool seen_before(const GraphKey& key) {
+    if (seen_.count(key) != 0) return true;
+    if (seen_.size() >= kMaxSeen) seen_.clear();
+    seen_.insert(key);
+    return false;
+  }
+
+  // The instantiated graph of body's launches, or nullptr and why if capture
+  // failed (then nothing of body has run).
   template <typename F>
-  static cudaGraphExec_t record(cudaStream_t stream, F& body) {
-    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+  static cudaGraphExec_t record(cudaStream_t stream, F& body, std::string* why) {
+    cudaError_t e = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+    if (e != cudaSuccess) {
       (void)cudaGetLastError();
+      *why = std::string("cudaStreamBeginCapture: ") + cudaGetErrorString(e);
       return nullptr;
     }
-    bool ok = true;
     try {
       body();
-    } catch (...) {
-      ok = false;  // an operation refused under capture; body runs again directly
+    } catch (const std::exception& ex) {  // an operation refused under capture
+      *why = ex.what();
     }
     cudaGraph_t graph = nullptr;
-    ok = cudaStreamEndCapture(stream, &graph) == cudaSuccess && ok;
+    e = cudaStreamEndCapture(stream, &graph);  // always: the stream leaves capture mode
+    if (e != cudaSuccess && why->empty()) {
+      *why = std::string("cudaStreamEndCapture: ") + cudaGetErrorString(e);
+    }
     cudaGraphExec_t exec = nullptr;
-    if (ok) ok = cudaGraphInstantiate(&exec, graph, 0) == cudaSuccess;
+    if (why->empty()) {
+      e = cudaGraphInstantiate(&exec, graph, 0);
+      if (e != cudaSuccess) *why = std::string("cudaGraphInstantiate: ") + cudaGetErrorString(e);
+    }
     if (graph != nullptr) (void)cudaGraphDestroy(graph);
-    if (!ok) {
+    if (!why->empty()) {
       (void)cudaGetLastError();
       if (exec != nullptr) (void)cudaGraphExecDestroy(exec);
       return nullptr;
@@ -126,8 +166,10 @@ class GraphCache {
     return exec;
   }
 
-  bool enabled_ = false;
+  Mode mode_ = Mode::kOff;
+  GraphStats stats_;
   std::map<GraphKey, GraphExec> graphs_;
+  std::set<GraphKey> seen_, failed_;
 };
 
 }  // namespace tbptt::cuda

@@ -262,6 +262,14 @@ class EngineBase {
   // Value check of a device array (CUDA engine only; others throw
   // std::invalid_argument). Waits for all work queued on the device first,
   // so the producer's writes are seen.
+  // CUDA graphs (TBPTT_CUDA_GRAPHS, CUDA engine only): {recorded, replayed,
+  // run directly, failed captures} and the first failure's message; other
+  // engines: empty.
+  virtual std::vector<int64_t> graph_stats(std::string* first_failure) const {
+    if (first_failure != nullptr) first_failure->clear();
+    return {};
+  }
+
   virtual ScanResult scan_device(const ScanRequest& req) {
     throw std::invalid_argument(
         str_cat(req.array.name, " is a CUDA array; this backend takes host arrays"));
