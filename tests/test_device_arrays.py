@@ -240,3 +240,17 @@ def test_mixing_host_and_device_arrays_is_refused():
     with pytest.raises(TypeError, match="x is None"):
         dev.fit(None, FakeCuda(y))
     assert dev.step_count == 0
+
+
+def test_host_only_arguments_refuse_cuda_arrays_clearly():
+    """initial_state and load_state_dict read host memory on every backend."""
+    m = tb.Model("rnn_tanh", input_size=2, hidden_size=3, output_size=2, seed=0)
+    tr = tb.Trainer(m, k1=2, backend="numpy")
+    x, y, _, _ = make_data(0, 4, 2, 2, 2, "mse")
+    with pytest.raises(TypeError, match=r"got a CUDA array \(FakeCuda\) where a host array"):
+        tr.fit(x, y, initial_state=[FakeCuda(np.zeros((2, 3)))])
+    sd = m.state_dict()
+    with pytest.raises(TypeError, match="where a host array is read"):
+        m.load_state_dict({**sd, "readout.bias": FakeCuda(sd["readout.bias"])})
+    assert tr.step_count == 0
+    np.testing.assert_array_equal(m.state_dict()["readout.bias"], sd["readout.bias"])

@@ -7,6 +7,7 @@ import weakref
 
 import numpy as np
 
+from ._device import cuda_array, is_torch
 from .reference import GATES, param_names
 
 __all__ = ["CELLS", "DTYPES", "Model"]
@@ -24,9 +25,18 @@ def _positive_int(name: str, value) -> int:
 
 
 def _to_numpy(value) -> np.ndarray:
-    """A NumPy view of an array-like, including torch tensors (on any device)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+    """A NumPy view of an array-like, including torch tensors (on any device).
+
+    Other CUDA arrays (CuPy, ``__cuda_array_interface__``, CUDA DLPack) are a
+    TypeError: what reads this wants host memory.
+    """
+    if is_torch(value):
+        return value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray) and cuda_array(value) is not None:
+        raise TypeError(
+            f"got a CUDA array ({type(value).__name__}) where a host array is read: "
+            "copy it to the host first (e.g. CuPy's .get())"
+        )
     return np.asarray(value)
 
 
