@@ -15,6 +15,7 @@
 #include "cpu/ring_buffer.h"
 #include "cpu/vmath.h"
 #include "tbptt/errors.h"
+#include "tbptt/schedule.h"
 
 namespace tbptt::cpu {
 namespace {
@@ -96,7 +97,7 @@ class CpuEngine final : public EngineBase {
   const Config& config() const override { return cfg_; }
 
   void reset(const std::vector<const void*>* initial_state, int64_t batch) override {
-    count_ = pending_ = last_update_ = 0;
+    sched_.reset();
     pend_loss_ = pend_mask_ = 0.0;
     if (initial_state == nullptr) {
       has_state_ = has_init_ = false;
@@ -139,23 +140,20 @@ class CpuEngine final : public EngineBase {
                  small_product_prefers_nn(B_, GH_, H_, std::is_same_v<T, float>);
     refresh_whh_t();
     RunResult res;
-    int64_t pos = 0;
-    while (pos < in.steps) {
-      const int64_t n = std::min(in.steps - pos, cfg_.k1 - pending_);
-      if (cfg_.unbounded()) ensure_capacity(count_ + n);
-      forward_chunk(in, pos, n);
-      count_ += n;
-      pending_ += n;
-      pos += n;
-      if (pending_ == cfg_.k1) update(count_, in.return_grads, res);
-    }
-    if (in.flush && pending_ > 0) update(count_, in.return_grads, res);
+    sched_.run(
+        in.steps, in.flush,
+        [&](int64_t pos, int64_t n) {
+          if (cfg_.unbounded()) ensure_capacity(sched_.count() + n);
+          forward_chunk(in, pos, n);
+        },
+        [&](const Block& b) { update(b, in.return_grads, res); });
     return res;
   }
 
   RunResult flush(bool return_grads) override {
     RunResult res;
-    if (pending_ > 0) update(count_, return_grads, res);
+    sched_.run(
+        0, true, [](int64_t, int64_t) {}, [&](const Block& b) { update(b, return_grads, res); });
     return res;
   }
 
@@ -170,9 +168,9 @@ class CpuEngine final : public EngineBase {
       copy_n(state_.data() + i * bh, bh, static_cast<T*>(out[static_cast<size_t>(i)]));
   }
 
-  int64_t step_count() const override { return count_; }
-  int64_t pending() const override { return pending_; }
-  int64_t stored_steps() const override { return cfg_.history_steps(count_); }
+  int64_t step_count() const override { return sched_.count(); }
+  int64_t pending() const override { return sched_.pending(); }
+  int64_t stored_steps() const override { return sched_.stored_steps(); }
   void pull_params() override {}
   void push_params() override {}
 
@@ -264,7 +262,7 @@ class CpuEngine final : public EngineBase {
 
   // ---- forward ----------------------------------------------------------
   void forward_chunk(const RunInputs& in, int64_t pos, int64_t n) {
-    const int64_t first = count_ + 1;
+    const int64_t first = sched_.count() + 1;
     Segment seg[2];
     const int ns = ring_.segments(first, n, seg);
     const T* x = static_cast<const T*>(in.x);
@@ -394,14 +392,11 @@ class CpuEngine final : public EngineBase {
   }
 
   // ---- update -----------------------------------------------------------
-  void update(int64_t t, bool return_grads, RunResult& res) {
-    const int64_t tp = last_update_;
-    const int64_t w = cfg_.window_start(t, tp);
+  // The update of block b (already consumed by the schedule).
+  void update(const Block& b, bool return_grads, RunResult& res) {
+    const int64_t t = b.t, tp = b.prev, w = b.w;
     const double denom = std::max(1.0, pend_mask_);
     const double loss = pend_loss_ / denom;
-    // The block is consumed whatever happens next.
-    last_update_ = t;
-    pending_ = 0;
     pend_loss_ = pend_mask_ = 0.0;
     if (!std::isfinite(static_cast<T>(loss)))
       throw std::runtime_error(str_cat("non-finite loss in the update at step ", t));
@@ -573,7 +568,7 @@ class CpuEngine final : public EngineBase {
   bool has_state_ = false, has_init_ = false;
   std::vector<T> init_;   // [L*S, B, H] initial state (zeros unless given); flat layer-major
   std::vector<T> state_;  // [L*S, B, H] current forward state
-  int64_t count_ = 0, pending_ = 0, last_update_ = 0;
+  Schedule sched_{cfg_};
   double pend_loss_ = 0.0, pend_mask_ = 0.0;  // masked loss sum and mask count of the block
   RingIndex ring_;
   Store<T> real_, rc_;                  // real forward history; recomputed window (recompute only)

@@ -43,6 +43,7 @@
 #include "cuda/kernels.cuh"
 #include "tbptt/engine_api.h"
 #include "tbptt/errors.h"
+#include "tbptt/schedule.h"
 
 namespace tbptt::cuda {
 namespace {
@@ -168,7 +169,7 @@ class CudaEngine final : public EngineBase {
 
   void reset(const std::vector<const void*>* initial_state, int64_t batch) override {
     const DeviceGuard guard(device_);
-    count_ = pending_ = last_update_ = 0;
+    sched_.reset();
     pend_mask_ = 0.0;
     if (initial_state == nullptr) {
       has_state_ = has_init_ = false;
@@ -212,17 +213,13 @@ class CudaEngine final : public EngineBase {
       has_state_ = true;
     }
     RunResult res;
-    int64_t pos = 0;
-    while (pos < in.steps) {
-      const int64_t n = std::min(in.steps - pos, cfg_.k1 - pending_);
-      if (cfg_.unbounded()) ensure_capacity(count_ + n);
-      forward_chunk(in, pos, n);
-      count_ += n;
-      pending_ += n;
-      pos += n;
-      if (pending_ == cfg_.k1) update(count_, in.return_grads, res);
-    }
-    if (in.flush && pending_ > 0) update(count_, in.return_grads, res);
+    sched_.run(
+        in.steps, in.flush,
+        [&](int64_t pos, int64_t n) {
+          if (cfg_.unbounded()) ensure_capacity(sched_.count() + n);
+          forward_chunk(in, pos, n);
+        },
+        [&](const Block& b) { update(b, in.return_grads, res); });
     stream_.sync();
     return res;
   }
@@ -230,7 +227,8 @@ class CudaEngine final : public EngineBase {
   RunResult flush(bool return_grads) override {
     const DeviceGuard guard(device_);
     RunResult res;
-    if (pending_ > 0) update(count_, return_grads, res);
+    sched_.run(
+        0, true, [](int64_t, int64_t) {}, [&](const Block& b) { update(b, return_grads, res); });
     stream_.sync();
     return res;
   }
@@ -265,9 +263,9 @@ class CudaEngine final : public EngineBase {
     return {g.recorded, g.replayed, g.direct, g.failed};
   }
 
-  int64_t step_count() const override { return count_; }
-  int64_t pending() const override { return pending_; }
-  int64_t stored_steps() const override { return cfg_.history_steps(count_); }
+  int64_t step_count() const override { return sched_.count(); }
+  int64_t pending() const override { return sched_.pending(); }
+  int64_t stored_steps() const override { return sched_.stored_steps(); }
 
   void pull_params() override {
     const DeviceGuard guard(device_);
@@ -480,7 +478,7 @@ class CudaEngine final : public EngineBase {
 
   // ---- forward ----------------------------------------------------------
   void forward_chunk(const RunInputs& in, int64_t pos, int64_t n) {
-    const int64_t first = count_ + 1;
+    const int64_t first = sched_.count() + 1;
     Segment seg[2];
     const int ns = ring_.segments(first, n, seg);
     if (in.device != nullptr) {
@@ -701,13 +699,10 @@ class CudaEngine final : public EngineBase {
   }
 
   // ---- update -----------------------------------------------------------
-  void update(int64_t t, bool return_grads, RunResult& res) {
-    const int64_t tp = last_update_;
-    const int64_t w = cfg_.window_start(t, tp);
+  // The update of block b (already consumed by the schedule).
+  void update(const Block& b, bool return_grads, RunResult& res) {
+    const int64_t t = b.t, tp = b.prev, w = b.w;
     const double denom = std::max(1.0, pend_mask_);
-    // The block is consumed whatever happens next.
-    last_update_ = t;
-    pending_ = 0;
     pend_mask_ = 0.0;
 
     Store<T>* act = &real_;
@@ -900,7 +895,7 @@ class CudaEngine final : public EngineBase {
   bool has_state_ = false, has_init_ = false;
   DeviceBuffer<T> init_;   // [L*S, B, H] initial state (zeros unless given); flat layer-major
   DeviceBuffer<T> state_;  // [L*S, B, H] current forward state
-  int64_t count_ = 0, pending_ = 0, last_update_ = 0;
+  Schedule sched_{cfg_};
   double pend_mask_ = 0.0;  // mask count of the pending block (counted on the host)
   RingIndex ring_;
   Store<T> real_, rc_;                   // real forward history; recomputed window (recompute only)
