@@ -22,21 +22,8 @@ NO_GPU = pytest.mark.skipif(tb.cuda_available(), reason="a usable CUDA GPU is pr
 
 
 def _config(model: tb.Model) -> dict:
-    return {
-        "cell": model.cell,
-        "input_size": model.input_size,
-        "hidden_size": model.hidden_size,
-        "output_size": model.output_size,
-        "num_layers": model.num_layers,
-        "dtype": model.dtype,
-        "k1": 3,
-        "k2": 5,
-        "loss": "mse",
-        "overlap": "stored",
-        "clip": -1.0,
-        "capacity": 0,
-        **tb.SGD(lr=0.1).config(),
-    }
+    """The engine config a Trainer builds (k1=3, k2=5, mse, SGD(lr=0.1))."""
+    return tb.Trainer(model, k1=3, k2=5, optimizer=tb.SGD(lr=0.1), backend="numpy")._config
 
 
 def test_build_info_reports_the_cuda_switch():
