@@ -8,7 +8,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -372,10 +371,9 @@ struct HandleBase {
 
   // Value check of one device array (see tbptt::ScanRequest); kind is
   // "finite", "flag" or "class". Returns (first_bad or -1, value as float,
-  // value as int, per-row nonzero counts [rows] int64 or None).
+  // value as int). (The per-step mask counts are the engine's own business.)
   py::tuple scan_device(const py::object& spec, const std::string& kind,
-                        const py::object& mask_spec, int64_t mask_div, int64_t row_len,
-                        int64_t num_classes) {
+                        const py::object& mask_spec, int64_t mask_div, int64_t num_classes) {
     tbptt::ScanRequest req;
     req.array = device_view(spec);
     if (kind == "finite") {
@@ -392,25 +390,15 @@ struct HandleBase {
       mask = device_view(mask_spec);
       req.mask = &mask;
     }
-    TBPTT_CHECK_ARG(mask_div >= 1 && row_len >= 0, "mask_div must be >= 1 and row_len >= 0");
-    TBPTT_CHECK_ARG(row_len == 0 || req.array.size() % row_len == 0,
-                    "row_len must divide the array's size");
+    TBPTT_CHECK_ARG(mask_div >= 1, "mask_div must be >= 1");
     req.mask_div = mask_div;
-    req.row_len = row_len;
     req.num_classes = num_classes;
     tbptt::ScanResult r;
     {
       py::gil_scoped_release nogil;
       r = engine->scan_device(req);
     }
-    py::object counts = py::none();
-    if (req.kind == tbptt::ScanKind::kFlag && row_len > 0) {
-      py::array_t<int64_t> c(
-          std::vector<py::ssize_t>{static_cast<py::ssize_t>(r.row_counts.size())});
-      std::copy(r.row_counts.begin(), r.row_counts.end(), c.mutable_data());
-      counts = c;
-    }
-    return py::make_tuple(r.first_bad, r.value, r.ivalue, counts);
+    return py::make_tuple(r.first_bad, r.value, r.ivalue);
   }
 
   py::tuple flush(bool return_grads) {
@@ -527,7 +515,6 @@ PYBIND11_MODULE(_core, m) {
           },
           "CUDA graph use (TBPTT_CUDA_GRAPHS): counts and the first capture failure.")
       .def("scan_device", &Handle<1>::scan_device, py::arg("array"), py::arg("kind"),
-           py::arg("mask") = py::none(), py::arg("mask_div") = 1, py::arg("row_len") = 0,
-           py::arg("num_classes") = 0);
+           py::arg("mask") = py::none(), py::arg("mask_div") = 1, py::arg("num_classes") = 0);
 #endif
 }

@@ -51,7 +51,7 @@ def from_spec(spec) -> np.ndarray:
     return view
 
 
-def numpy_scan(spec, kind, mask_spec, mask_div, row_len, num_classes):
+def numpy_scan(spec, kind, mask_spec, mask_div, num_classes):
     a = from_spec(spec).reshape(-1)
     read = np.ones(a.shape, bool)
     if mask_spec is not None:
@@ -62,15 +62,12 @@ def numpy_scan(spec, kind, mask_spec, mask_div, row_len, num_classes):
         bad = ~np.isfinite(a) if a.dtype.kind == "f" else np.zeros(a.shape, bool)
     else:
         bad = read & ((a < 0) | (a >= num_classes))
-    counts = None
-    if kind == "flag" and row_len > 0:
-        counts = (a != 0).reshape(-1, row_len).sum(axis=1).astype(np.int64)
     if not bad.any():
-        return -1, 0.0, 0, counts
+        return -1, 0.0, 0
     i = int(np.argmax(bad))
     # integers come back as their 64 bits read as int64 (uint64 wraps), as from the engine
     ivalue = int(a[i : i + 1].astype(np.uint64).view(np.int64)[0]) if a.dtype.kind in "iu" else 0
-    return i, float(a[i]), ivalue, counts
+    return i, float(a[i]), ivalue
 
 
 class NumpyDeviceEngine:

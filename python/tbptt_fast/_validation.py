@@ -190,7 +190,7 @@ def device_data(model, loss, names, values, views, *, step: bool, scan) -> tuple
     def first_bad(name, view, kind, mask=None, mask_div=1, num_classes=0):
         """(index of the first bad element or None, its value, its integer value)"""
         mspec = None if mask is None else mask.spec(m_name)
-        bad, value, ivalue, _ = scan(view.spec(name), kind, mspec, mask_div, 0, num_classes)
+        bad, value, ivalue = scan(view.spec(name), kind, mspec, mask_div, num_classes)
         idx = None if bad < 0 else [int(i) for i in np.unravel_index(bad, view.shape)]
         return idx, value, ivalue
 
