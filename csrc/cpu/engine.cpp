@@ -73,16 +73,9 @@ class CpuEngine final : public EngineBase {
         GH_(cfg.gates() * cfg.hidden_size),
         S_(cfg.state_per_layer()) {
     cfg_.validate();
-    TBPTT_CHECK_ARG(static_cast<int64_t>(params.size()) == cfg_.num_params(), "expected ",
-                    cfg_.num_params(), " parameter arrays, got ", params.size());
-    int64_t off = 0;
-    for (int64_t i = 0; i < cfg_.num_params(); ++i) {
-      TBPTT_CHECK_ARG(params[static_cast<size_t>(i)] != nullptr, "parameter ", i, " is null");
-      params_.push_back(static_cast<T*>(params[static_cast<size_t>(i)]));
-      offsets_.push_back(off);
-      off += cfg_.param_size(i);
-    }
-    offsets_.push_back(off);
+    params_ = typed_params<T>(cfg_, params);
+    offsets_ = cfg_.param_offsets();
+    const int64_t off = offsets_.back();
     grad_.assign(static_cast<size_t>(off), T(0));
     exps_.assign(static_cast<size_t>(O_), 0.0);
     if (cfg_.optimizer == OptimizerKind::kAdam) {

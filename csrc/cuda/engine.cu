@@ -135,17 +135,9 @@ class CudaEngine final : public EngineBase {
         blas_(stream_.get()),
         status_host_(kStatusWords) {
     cfg_.validate();
-    TBPTT_CHECK_ARG(static_cast<int64_t>(params.size()) == cfg_.num_params(), "expected ",
-                    cfg_.num_params(), " parameter arrays, got ", params.size());
-    int64_t off = 0;
-    for (int64_t i = 0; i < cfg_.num_params(); ++i) {
-      TBPTT_CHECK_ARG(params[static_cast<size_t>(i)] != nullptr, "parameter ", i, " is null");
-      host_params_.push_back(static_cast<T*>(params[static_cast<size_t>(i)]));
-      offsets_.push_back(off);
-      off += cfg_.param_size(i);
-    }
-    offsets_.push_back(off);
-    n_params_ = off;
+    host_params_ = typed_params<T>(cfg_, params);
+    offsets_ = cfg_.param_offsets();
+    const int64_t off = n_params();
     params_.allocate(static_cast<size_t>(off));
     grad_.allocate(static_cast<size_t>(off));
     if (cfg_.optimizer == OptimizerKind::kAdam) {
@@ -405,6 +397,7 @@ class CudaEngine final : public EngineBase {
   }
 
   // ---- parameters -------------------------------------------------------
+  int64_t n_params() const { return offsets_.back(); }  // all parameters together
   T* param(int64_t i) { return params_.data() + offsets_[static_cast<size_t>(i)]; }
   T* grad(int64_t i) { return grad_.data() + offsets_[static_cast<size_t>(i)]; }
   const T* w_ih(int64_t l) { return param(4 * l); }
@@ -714,7 +707,7 @@ class CudaEngine final : public EngineBase {
 
     // Status: loss of the block, gradient norm, non-finite flag.
     grad_norm_partial_kernel<T><<<kReduceBlocks, kThreads, 0, stream()>>>(
-        n_params_, grad_.data(), partial_sumsq_.data(), partial_bad_.data());
+        n_params(), grad_.data(), partial_sumsq_.data(), partial_bad_.data());
     TBPTT_CUDA_CHECK(cudaGetLastError());
     Segment seg[2] = {{0, 0, 0}, {0, 0, 0}};
     ring_.segments(tp + 1, t - tp, seg);
@@ -741,12 +734,12 @@ class CudaEngine final : public EngineBase {
       o.step_size = cfg_.lr / (1.0 - std::pow(cfg_.beta1, s));
       o.bc2_sqrt = std::sqrt(1.0 - std::pow(cfg_.beta2, s));
     }
-    optimizer_kernel<T><<<grid_for(n_params_), kThreads, 0, stream()>>>(
-        n_params_, o, status_.data(), params_.data(), grad_.data(), m_.data(), v_.data());
+    optimizer_kernel<T><<<grid_for(n_params()), kThreads, 0, stream()>>>(
+        n_params(), o, status_.data(), params_.data(), grad_.data(), m_.data(), v_.data());
     TBPTT_CUDA_CHECK(cudaGetLastError());
 
     if (return_grads) {
-      grads_host_.resize(static_cast<size_t>(n_params_));
+      grads_host_.resize(static_cast<size_t>(n_params()));
       TBPTT_CUDA_CHECK(cudaMemcpyAsync(grads_host_.data(), grad_.data(), grad_.bytes(),
                                        cudaMemcpyDeviceToHost, stream()));
     }
@@ -884,11 +877,10 @@ class CudaEngine final : public EngineBase {
   const int device_;  // first: fails with the clear "no GPU" error before any CUDA call
   Stream stream_;
   Blas blas_;
-  HostStatus status_host_;        // [kStatusWords] pinned
-  std::vector<T*> host_params_;   // P borrowed host arrays (pull/push)
-  std::vector<int64_t> offsets_;  // [P + 1] offsets of each parameter in the flat buffers
-  int64_t n_params_ = 0;
-  DeviceBuffer<T> params_, grad_, m_, v_;  // flat [n_params_], canonical order
+  HostStatus status_host_;                 // [kStatusWords] pinned
+  std::vector<T*> host_params_;            // P borrowed host arrays (pull/push)
+  std::vector<int64_t> offsets_;           // [P + 1] Config::param_offsets() of the flat buffers
+  DeviceBuffer<T> params_, grad_, m_, v_;  // flat [n_params()], canonical order
   DeviceBuffer<double> partial_sumsq_, status_;
   DeviceBuffer<int> partial_bad_;
   int64_t B_ = 0;
@@ -905,7 +897,7 @@ class CudaEngine final : public EngineBase {
   DeviceBuffer<T> scratch_;              // [B, G*H] gru: u = h W_hh^T
   DeviceBuffer<T> rc_state_;             // [L*S, B, H] running state of a recompute
   DeviceBuffer<T> outputs_;              // [k1, B, O] y of a chunk (when outputs are wanted)
-  std::vector<T> grads_host_;            // [n_params_] staging for return_grads
+  std::vector<T> grads_host_;            // [n_params()] staging for return_grads
   DeviceBuffer<unsigned long long> scan_words_;  // scan(): first bad index, row counts
   DeviceBuffer<double> scan_value_;              // scan(): the bad element (double, int64 bits)
   std::vector<int64_t> mask_counts_;  // device inputs: nonzero mask entries per step of run()

@@ -21,6 +21,12 @@ std::vector<int64_t> Config::param_shape(int64_t i) const {
   }
 }
 
+std::vector<int64_t> Config::param_offsets() const {
+  std::vector<int64_t> off{0};
+  for (int64_t i = 0; i < num_params(); ++i) off.push_back(off.back() + param_size(i));
+  return off;
+}
+
 int64_t Config::param_size(int64_t i) const {
   int64_t n = 1;
   for (int64_t d : param_shape(i)) n *= d;

@@ -87,6 +87,9 @@ struct Config {
   int64_t num_params() const { return 4 * num_layers + 2; }
   std::vector<int64_t> param_shape(int64_t i) const;
   int64_t param_size(int64_t i) const;  // product of param_shape(i)
+  // [P + 1] start of each parameter in one flat buffer of all of them, in
+  // canonical order; the last entry is the total size.
+  std::vector<int64_t> param_offsets() const;
   std::string param_name(int64_t i) const;
   // State arrays per layer: 2 for lstm (h, c), else 1 (h); each [B, H].
   int64_t state_per_layer() const { return cell == CellKind::kLstm ? 2 : 1; }
@@ -282,6 +285,19 @@ class EngineBase {
 // not be reallocated (bindings keep the NumPy arrays alive). A CUDA engine
 // copies them to the device at construction and on push_params().
 std::unique_ptr<EngineBase> make_cpu_engine(const Config& cfg, const std::vector<void*>& params);
+
+// The factories' `params` checked (P of them, none null) and typed.
+template <typename T>
+std::vector<T*> typed_params(const Config& cfg, const std::vector<void*>& params) {
+  TBPTT_CHECK_ARG(static_cast<int64_t>(params.size()) == cfg.num_params(), "expected ",
+                  cfg.num_params(), " parameter arrays, got ", params.size());
+  std::vector<T*> out;
+  for (size_t i = 0; i < params.size(); ++i) {
+    TBPTT_CHECK_ARG(params[i] != nullptr, "parameter ", i, " is null");
+    out.push_back(static_cast<T*>(params[i]));
+  }
+  return out;
+}
 
 #ifdef TBPTT_WITH_CUDA
 // Provided by csrc/cuda/ (the CUDA helper). Throws std::runtime_error when no
