@@ -4,7 +4,7 @@ Prints a table and writes JSON. The matrix: cells rnn_tanh, lstm, gru; D = H in
 {64, 256, 1024}; B in {8, 32}; TBPTT(16,16), (64,64), (16,64), (1,16); backends numpy
 and cpu; 1 and 2 threads. Each row's sample length is set from a warm-up run so slow
 rows (numpy at H=1024) stay within the time budget. Work definition and noise handling:
-see ``tbptt_fast.bench.harness``.
+see ``tbptt_fast.bench.harness``. Prints the project's targets table too (``targets.py``).
 
 The memory row runs ``fit`` in a subprocess at T = 2,000 and T = 200,000 (same k1, k2, B,
 H) and reports the peak RSS and its growth over the RSS just before ``fit`` (after the
@@ -23,7 +23,11 @@ import subprocess
 import sys
 import textwrap
 
+from targets import report_with_targets
+
 from tbptt_fast.bench import harness
+from tbptt_fast.bench.configs import make_matrix, parse_ints, parse_ks
+from tbptt_fast.bench.runners import native_ok
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
@@ -94,10 +98,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few minutes: a subset of the matrix")
     p.add_argument("--cells", default="rnn_tanh,lstm,gru")
-    p.add_argument("--hidden", type=harness._ints, default=[64, 256, 1024])
-    p.add_argument("--batch", type=harness._ints, default=[8, 32])
-    p.add_argument("--k", type=harness.parse_ks, default=[(16, 16), (64, 64), (16, 64), (1, 16)])
-    p.add_argument("--threads", type=harness._ints, default=[1, 2])
+    p.add_argument("--hidden", type=parse_ints, default=[64, 256, 1024])
+    p.add_argument("--batch", type=parse_ints, default=[8, 32])
+    p.add_argument("--k", type=parse_ks, default=[(16, 16), (64, 64), (16, 64), (1, 16)])
+    p.add_argument("--threads", type=parse_ints, default=[1, 2])
     p.add_argument("--backends", default="numpy,cpu", help="comma list of numpy,cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sample-seconds", type=float, default=0.4)
@@ -113,14 +117,12 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     if args.quick:
-        configs = harness.make_matrix(
+        configs = make_matrix(
             ["lstm"], [64, 256], [8, 32], [(16, 16), (16, 64), (1, 16)], [1, 2]
-        ) + harness.make_matrix(["gru", "rnn_tanh"], [64, 256], [32], [(16, 16)], [1])
+        ) + make_matrix(["gru", "rnn_tanh"], [64, 256], [32], [(16, 16)], [1])
         args.repeats, args.sample_seconds = 2, 0.25
     else:
-        configs = harness.make_matrix(
-            args.cells.split(","), args.hidden, args.batch, args.k, args.threads
-        )
+        configs = make_matrix(args.cells.split(","), args.hidden, args.batch, args.k, args.threads)
     backends = args.backends.split(",")
     result = harness.run(
         configs,
@@ -134,13 +136,13 @@ def main(argv=None) -> int:
         log=log,
     )
     if not args.no_memory:
-        backend = "cpu" if harness.native_ok() and "cpu" in backends else "numpy"
+        backend = "cpu" if native_ok() and "cpu" in backends else "numpy"
         result["memory"] = memory_rows(backend, "lstm", 64, 8, 16, 64, log)
     log("")
     log("GEMM peak (2048^3 float32): " + ", ".join(
         f"{t} thread(s) {g['gflops']:.1f} GFLOP/s" for t, g in result["gemm"].items()
     ))  # fmt: skip
-    harness.report(result, args.json, None, log)
+    report_with_targets(result, args.json, None, log)
     if result.get("memory"):
         log("")
         log(format_memory(result["memory"]))

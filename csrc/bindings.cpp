@@ -52,18 +52,17 @@ tbptt::Config config_from_dict(const py::dict& d) {
   using namespace tbptt;
   Config c;
   const auto cell = get_required<std::string>(d, "cell");
-  if (cell == "rnn_tanh") {
-    c.cell = CellKind::kRnnTanh;
-  } else if (cell == "rnn_relu") {
-    c.cell = CellKind::kRnnRelu;
-  } else if (cell == "lstm") {
-    c.cell = CellKind::kLstm;
-  } else if (cell == "gru") {
-    c.cell = CellKind::kGru;
-  } else {
-    throw std::invalid_argument(
-        str_cat("cell must be one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '", cell, "'"));
+  bool known = false;
+  std::string names;
+#define TBPTT_CELL_FROM_NAME(name, Type)                             \
+  names += (names.empty() ? "'" : ", '") + std::string(#name) + "'"; \
+  if (cell == #name) {                                               \
+    c.cell = CellKind::name;                                         \
+    known = true;                                                    \
   }
+  TBPTT_CELLS(TBPTT_CELL_FROM_NAME)
+#undef TBPTT_CELL_FROM_NAME
+  TBPTT_CHECK_ARG(known, "cell must be one of ", names, ", got '", cell, "'");
   c.input_size = get_required<int64_t>(d, "input_size");
   c.hidden_size = get_required<int64_t>(d, "hidden_size");
   c.output_size = get_required<int64_t>(d, "output_size");
@@ -281,31 +280,10 @@ struct HandleBase {
     // "given" is tracked separately.
     const bool has_mask = !mask_obj.is_none(), has_resets = !resets_obj.is_none();
     if (has_mask) mask = checked(mask_obj, "mask", dt, {steps, batch});
-    if (has_resets) {
-      auto r = py::reinterpret_borrow<py::array>(resets_obj);
-      TBPTT_CHECK_ARG(py::isinstance<py::array>(resets_obj), "resets must be a numpy array");
-      if (!r.dtype().is(py::dtype::of<uint8_t>())) {
-        r = py::module_::import("numpy")
-                .attr("not_equal")(r, 0)
-                .attr("astype")(py::dtype::of<uint8_t>())
-                .cast<py::array>();
-      }
-      resets = checked(r, "resets", py::dtype::of<uint8_t>(), {steps, batch});
-    }
-    if (cfg.loss == tbptt::LossKind::kCrossEntropy) {
-      const auto* lab = static_cast<const int64_t*>(target.data());
-      for (int64_t i = 0; i < steps * batch; ++i) {
-        bool used = true;
-        if (has_mask) {
-          used = cfg.dtype == tbptt::DType::kFloat64
-                     ? static_cast<const double*>(mask.data())[i] != 0.0
-                     : static_cast<const float*>(mask.data())[i] != 0.0f;
-        }
-        TBPTT_CHECK_ARG(!used || (lab[i] >= 0 && lab[i] < cfg.output_size),
-                        "target must hold class indices in [0, ", cfg.output_size, "), got ",
-                        lab[i]);
-      }
-    }
+    // Values (labels in range where read, finite inputs) are validated by
+    // python/tbptt_fast/_validation.py before this call; the engine trusts them.
+    if (has_resets)
+      resets = checked(resets_obj, "resets", py::dtype::of<uint8_t>(), {steps, batch});
     tbptt::RunInputs in;
     in.steps = steps;
     in.batch = batch;
@@ -464,6 +442,27 @@ PYBIND11_MODULE(_core, m) {
       "set_num_threads", [](int n) { tbptt::cpu::set_num_threads(n); }, py::arg("n"),
       "Set the OpenBLAS thread count used for block/window products.");
   m.def("get_num_threads", []() { return tbptt::cpu::get_num_threads(); });
+  m.def(
+      "cells",
+      []() {
+        py::list out;
+#define TBPTT_CELL_ENTRY(name, Type) out.append(py::make_tuple(#name, Type::kGates, Type::kStates));
+        TBPTT_CELLS(TBPTT_CELL_ENTRY)
+#undef TBPTT_CELL_ENTRY
+        return out;
+      },
+      "The cell registry: (name, gates, states per layer) per cell, in registry order.");
+  // tbptt::NonFiniteError -> tbptt_fast.errors.NonFiniteError (a RuntimeError).
+  // Leaked on purpose: it must outlive the interpreter's teardown of this module.
+  static auto* non_finite =
+      new py::object(py::module_::import("tbptt_fast.errors").attr("NonFiniteError"));
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const tbptt::NonFiniteError& e) {
+      PyErr_SetString(non_finite->ptr(), e.what());
+    }
+  });
   m.def("cuda_available", []() {
 #ifdef TBPTT_WITH_CUDA
     return tbptt::cuda_device_available();
@@ -494,9 +493,9 @@ PYBIND11_MODULE(_core, m) {
 #endif
     return d;
   });
-  bind_engine<Handle<0>>(m, "Engine", "C++ CPU TBPTT(k1, k2) engine (see engine_api.md).");
+  bind_engine<Handle<0>>(m, "Engine", "C++ CPU TBPTT(k1, k2) engine (tbptt/engine_api.h).");
 #ifdef TBPTT_WITH_CUDA
-  bind_engine<Handle<1>>(m, "CudaEngine", "CUDA TBPTT(k1, k2) engine (see engine_api.md).")
+  bind_engine<Handle<1>>(m, "CudaEngine", "CUDA TBPTT(k1, k2) engine (tbptt/engine_api.h).")
       .def("run_device", &Handle<1>::run_device, py::arg("x"), py::arg("target"), py::arg("mask"),
            py::arg("resets"), py::arg("flush") = false, py::arg("return_grads") = false,
            py::arg("return_outputs") = false)

@@ -39,7 +39,17 @@ def cell_step(cell, a, u, state):
         z = sigmoid(a[:, H : 2 * H] + u[:, H : 2 * H])
         n = np.tanh(a[:, 2 * H :] + r * u[:, 2 * H :])
         return ((1 - z) * n + z * state[0],)
+    if cell == "cifg":
+        s = a + u
+        f, g, o = sigmoid(s[:, :H]), np.tanh(s[:, H : 2 * H]), sigmoid(s[:, 2 * H :])
+        c = f * state[1] + (1 - f) * g
+        return (o * np.tanh(c), c)
     raise AssertionError(cell)
+
+
+def has_cell_state(cell):
+    """SPEC section 3: the state is (h, c) for lstm and cifg, else h."""
+    return cell in ("lstm", "cifg")
 
 
 def step_loss(loss, y, target):
@@ -67,7 +77,7 @@ def layer_params(theta, k):
 
 
 def zero_state(cell, L, B, H):
-    n = 2 if cell == "lstm" else 1
+    n = 2 if has_cell_state(cell) else 1
     return [tuple(np.zeros((B, H)) for _ in range(n)) for _ in range(L)]
 
 

@@ -1,21 +1,27 @@
 """The benchmark peers compute what tbptt_fast computes, and the bench command runs.
 
 Fast (a few seconds): small models; the torch peers skip when torch is absent and the
-cpu rows when the native module is not built.
+cpu rows when the native module is not built. The project's targets table
+(``benchmarks/targets.py``, not part of the package) is tested on hand-made rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 import tbptt_fast as tb
 from tbptt_fast import bench
-from tbptt_fast.bench import harness
-from tbptt_fast.bench.harness import Config
+from tbptt_fast.bench import harness, report, runners
+from tbptt_fast.bench.checks import check_impl
+from tbptt_fast.bench.configs import Config, flops_per_step
 from tbptt_fast.bench.peers import TextbookTBPTT
+
+TARGETS_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.py"
 
 CELLS = ["rnn_tanh", "lstm", "gru"]
 KS = [(4, 4), (3, 7), (1, 4), (5, 2)]
@@ -28,7 +34,7 @@ def _ids(ks):
 @pytest.mark.parametrize("k1,k2", KS, ids=_ids(KS))
 @pytest.mark.parametrize("cell", CELLS)
 def test_textbook_matches_numpy_reference(cell, k1, k2):
-    res = harness.check_impl("textbook", Config(cell, 6, 3, k1, k2, out=3))
+    res = check_impl("textbook", Config(cell, 6, 3, k1, k2, out=3))
     assert res["ok"], res["message"]
     assert res["err64"] <= 1e-8 and res["err32"] <= 1e-4
 
@@ -38,9 +44,9 @@ def test_check_catches_a_wrong_window(monkeypatch):
         def __init__(self, cell, params, k1, k2=None, **kw):
             super().__init__(cell, params, k1, k2 - 1, **kw)
 
-    wrong = dataclasses.replace(harness.IMPLS["textbook"], build=harness._peer(ShortWindow))
-    monkeypatch.setitem(harness.IMPLS, "textbook", wrong)
-    res = harness.check_impl("textbook", Config("lstm", 6, 2, 3, 7, out=3))
+    wrong = dataclasses.replace(runners.IMPLS["textbook"], build=runners._peer(ShortWindow))
+    monkeypatch.setitem(runners.IMPLS, "textbook", wrong)
+    res = check_impl("textbook", Config("lstm", 6, 2, 3, 7, out=3))
     assert not res["ok"]
     assert "disagrees with tbptt_fast numpy" in res["message"]
 
@@ -59,7 +65,7 @@ TORCH_CASES = [
 @pytest.mark.parametrize("cell", CELLS)
 def test_torch_peers_match_numpy_reference(cell, impl, k1, k2):
     pytest.importorskip("torch")
-    res = harness.check_impl(impl, Config(cell, 6, 3, k1, k2, out=3))
+    res = check_impl(impl, Config(cell, 6, 3, k1, k2, out=3))
     assert res["ok"], res["message"]
 
 
@@ -67,7 +73,7 @@ def test_torch_peers_match_numpy_reference(cell, impl, k1, k2):
 def test_cpu_backend_matches_numpy_reference(impl, k1, k2):
     if not tb.native_available():
         pytest.skip("the native module tbptt_fast._core is not built")
-    res = harness.check_impl(impl, Config("lstm", 6, 3, k1, k2, out=3))
+    res = check_impl(impl, Config("lstm", 6, 3, k1, k2, out=3))
     assert res["ok"], res["message"]
 
 
@@ -75,8 +81,8 @@ def test_flops_definition():
     # lstm, one layer: forward 2*B*(D+H)*4H, trained as 3x forward when k1 == k2
     cfg = Config("lstm", 64, 8, 16, 16, out=16)
     fwd = 2 * 8 * 128 * 4 * 64
-    assert harness.flops_per_step(cfg) == 3 * fwd + 3 * 2 * 8 * 64 * 16
-    assert harness.flops_per_step(dataclasses.replace(cfg, k2=64)) == 9 * fwd + 3 * 2 * 8 * 64 * 16
+    assert flops_per_step(cfg) == 3 * fwd + 3 * 2 * 8 * 64 * 16
+    assert flops_per_step(dataclasses.replace(cfg, k2=64)) == 9 * fwd + 3 * 2 * 8 * 64 * 16
 
 
 def test_tiny_run_has_documented_keys():
@@ -88,31 +94,60 @@ def test_tiny_run_has_documented_keys():
         max_retries=0,
         log=lambda msg: None,
     )
-    assert set(result) == {"machine", "gemm", "rows", "targets"}
+    assert set(result) == {"machine", "gemm", "rows"}
     assert result["gemm"]["1"]["gflops"] > 0
     rows = {r["impl"]: r for r in result["rows"]}
     assert rows["numpy"]["status"] == "ok" and rows["textbook"]["status"] == "ok"
     for r in rows.values():
-        assert set(r) <= set(harness.RESULT_KEYS)
+        assert set(r) <= set(report.RESULT_KEYS)
         assert len(r["samples_s"]) == 2 and r["throughput"] > 0 and r["gflops"] > 0
         assert 0 < r["gemm_fraction"] < 2
     assert rows["textbook"]["vs_textbook"] == 1.0
 
 
-def test_cli_tiny(tmp_path):
+def test_cli_tiny(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert bench.main(["--tiny", "--json", str(path)]) == 0
     result = json.loads(path.read_text())
-    assert {"machine", "gemm", "rows", "targets"} <= set(result)
+    assert set(result) == {"machine", "gemm", "rows"}  # no project targets in the package
     ok = [r for r in result["rows"] if r["status"] == "ok"]
     assert {"numpy", "textbook"} <= {r["impl"] for r in ok}
     assert not [r for r in result["rows"] if r["status"] == "check_failed"]
+    out = capsys.readouterr().out
+    assert "| config | impl | timesteps*B/s |" in out and "| target |" not in out
 
 
-def test_targets_evaluate():
-    rows = [
+def test_cli_rejects_an_unknown_impl(capsys):
+    assert bench.main(["--tiny", "--impls", "numpy,nope"]) == 2
+    assert "unknown implementation(s) ['nope']" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def targets():
+    """``benchmarks/targets.py``, loaded from the repository (it is not in the package)."""
+    if not TARGETS_SCRIPT.exists():
+        pytest.skip(f"{TARGETS_SCRIPT} is not here (not a source checkout)")
+    spec = importlib.util.spec_from_file_location("bench_targets", TARGETS_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(**throughput):
+    return [
         {**Config("lstm", 64, 8, 16, 16).key(), "impl": impl, "status": "ok", "throughput": v}
-        for impl, v in [("cpu", 700.0), ("numpy", 100.0)]
+        for impl, v in throughput.items()
     ]
-    (t,) = harness.evaluate_targets(rows)
+
+
+def test_targets_evaluate(targets):
+    (t,) = targets.evaluate_targets(_rows(cpu=700.0, numpy=100.0))
     assert t["target"] == "cpu >= 6x numpy" and t["pass"] and t["value"] == 7.0
+
+
+def test_targets_script_reads_a_bench_json(targets, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"machine": {}, "gemm": {}, "rows": _rows(cpu=500.0, numpy=100.0)}))
+    assert targets.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| cpu >= 6x numpy | lstm H=64 B=8 (16,16) t=1 | 5.00 | MISS |" in out

@@ -17,7 +17,7 @@ import pytest
 import tbptt_fast as tb
 
 from conftest import make_data
-from independent import block_loss, fd_gradient, record, window_w
+from independent import block_loss, fd_gradient, has_cell_state, record, window_w
 
 # id, cell, layers, k1, k2, T, B, H, loss, overlap, mask_p, reset_p, init
 CASES = [
@@ -79,6 +79,23 @@ CASES = [
     ("lstm-init-state-k1<k2", "lstm", 2, 2, 4, 8, 2, 2, "mse", "stored", 0.0, 0.1, True),
     ("gru-k1>k2-recompute", "gru", 1, 5, 2, 11, 2, 2, "mse", "recompute", 0.0, 0.1, False),
     ("tanh-(T,T)", "rnn_tanh", 2, 6, 6, 6, 3, 2, "cross_entropy", "recompute", 0.0, 0.0, False),
+    ("cifg-k1<k2-stored-resets", "cifg", 2, 2, 5, 9, 2, 3, "mse", "stored", 0.1, 0.2, False),
+    (
+        "cifg-k1<k2-recompute-ce-init",
+        "cifg",
+        1,
+        2,
+        4,
+        8,
+        2,
+        2,
+        "cross_entropy",
+        "recompute",
+        0.0,
+        0.15,
+        True,
+    ),
+    ("cifg-k1>k2-H1-B1", "cifg", 1, 4, 2, 9, 1, 1, "mse", "stored", 0.0, 0.0, False),
 ]
 
 
@@ -104,7 +121,7 @@ def _run_case(backend, case, lr=0.05, mask_override=None):
         shape = (B, H)
         init = [
             (rng.normal(size=shape), rng.normal(size=shape))
-            if cell == "lstm"
+            if has_cell_state(cell)
             else rng.normal(size=shape)
             for _ in range(L)
         ]
@@ -182,19 +199,17 @@ def test_rules_agree_without_learning_and_differ_with_it(backend):
     assert max(np.max(np.abs(a[0][k] - b[0][k])) for k in a[0]) <= 1e-12
 
 
-def test_outputs_follow_spec_gate_order(backend):
+@pytest.mark.parametrize("cell", tb.CELLS)
+def test_outputs_follow_spec_gate_order(backend, cell):
     """The forward pass of every cell against the literal SPEC transcription."""
     from independent import forward, zero_state
 
-    for cell in ("rnn_tanh", "rnn_relu", "lstm", "gru"):
-        T, B, D, H, O, L = 5, 3, 2, 4, 2, 2
-        x, target, _, resets = make_data(11, T, B, D, O, "mse", reset_p=0.2)
-        m = tb.Model(cell, D, H, O, num_layers=L, dtype="float64", seed=4)
-        theta = m.state_dict()
-        tr = tb.Trainer(m, k1=100, optimizer=tb.SGD(lr=0.0), backend=backend)
-        res = tr.fit(x, target, resets=resets, return_outputs=True, flush=False)
-        steps = forward(
-            cell, theta, x, zero_state(cell, L, B, H), zero_state(cell, L, B, H), resets, L
-        )
-        expected = np.stack([s[3] for s in steps])
-        np.testing.assert_allclose(res.outputs, expected, rtol=1e-10, atol=1e-10, err_msg=cell)
+    T, B, D, H, O, L = 5, 3, 2, 4, 2, 2
+    x, target, _, resets = make_data(11, T, B, D, O, "mse", reset_p=0.2)
+    m = tb.Model(cell, D, H, O, num_layers=L, dtype="float64", seed=4)
+    theta = m.state_dict()
+    tr = tb.Trainer(m, k1=100, optimizer=tb.SGD(lr=0.0), backend=backend)
+    res = tr.fit(x, target, resets=resets, return_outputs=True, flush=False)
+    steps = forward(cell, theta, x, zero_state(cell, L, B, H), zero_state(cell, L, B, H), resets, L)
+    expected = np.stack([s[3] for s in steps])
+    np.testing.assert_allclose(res.outputs, expected, rtol=1e-10, atol=1e-10, err_msg=cell)

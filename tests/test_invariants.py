@@ -8,7 +8,7 @@ import pytest
 import tbptt_fast as tb
 
 from conftest import TOL, assert_close, make_data
-from independent import fd_gradient, forward, step_loss, zero_state
+from independent import fd_gradient, forward, has_cell_state, step_loss, zero_state
 
 
 def _trainer(backend, cell="lstm", k1=3, k2=5, dtype="float64", L=2, H=3, D=2, O=2, **kw):
@@ -176,14 +176,15 @@ def test_reset_state_discards_the_block_and_keeps_the_optimizer(backend):
     )
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "cifg"])
 def test_initial_state_forms_agree_and_restart_the_count(backend, cell):
     L, B, H = 2, 2, 3
     rng = np.random.default_rng(8)
     h0 = rng.normal(size=(L, B, H))
     c0 = rng.normal(size=(L, B, H))
-    torch_form = (h0, c0) if cell == "lstm" else h0
-    per_layer = [(h0[k], c0[k]) if cell == "lstm" else h0[k] for k in range(L)]
+    paired = has_cell_state(cell)
+    torch_form = (h0, c0) if paired else h0
+    per_layer = [(h0[k], c0[k]) if paired else h0[k] for k in range(L)]
     x, target, _, resets = make_data(9, 7, B, 2, 2, "mse", reset_p=0.3)
     outs = []
     for init in (torch_form, per_layer):
@@ -225,7 +226,7 @@ def test_numeric_mask_means_nonzero_and_masked_targets_are_not_read(backend):
     _assert_same_params(a, b, 1e-12)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("cell", tb.CELLS)
 def test_float32_follows_float64(backend, cell):
     x, target, mask, resets = make_data(12, 9, 3, 2, 2, "mse", mask_p=0.2, reset_p=0.1)
     res = {}

@@ -17,17 +17,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tbptt_fast as tb
+from tbptt_fast.reference import state_count
 
 from conftest import TOL, assert_close, make_data
-
-CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 
 @st.composite
 def configs(draw):
     k1 = draw(st.integers(1, 6))
     return dict(
-        cell=draw(st.sampled_from(CELLS)),
+        cell=draw(st.sampled_from(tb.CELLS)),
         L=draw(st.integers(1, 3)),
         D=draw(st.integers(1, 4)),
         H=draw(st.sampled_from([1, 2, 3, 5, 8])),
@@ -103,7 +102,7 @@ def _train(backend, c):
     if c["init"]:
         rng = np.random.default_rng(c["seed"] + 1)
         h0 = rng.normal(size=(c["L"], c["B"], c["H"]))
-        init = (h0, rng.normal(size=h0.shape)) if c["cell"] == "lstm" else h0
+        init = (h0, rng.normal(size=h0.shape)) if state_count(c["cell"]) == 2 else h0
     if c["omit"] and mask.all():
         mask = None
     if c["omit"] and not resets.any():

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import tbptt_fast as tb
+from tbptt_fast.errors import NonFiniteError
+from tbptt_fast.trainer import NonFiniteError as TrainerNonFiniteError
 
 from conftest import _CUDA, assert_same_snapshot, make_data, snapshot
 
@@ -267,7 +269,9 @@ def test_non_finite_training_stops_and_keeps_the_parameters(backend, dtype):
 
     tr = trainer()
     with pytest.raises(
-        tb.NonFiniteError, match=r"non-finite (loss|gradient) in the update at step"
+        tb.NonFiniteError,
+        match=r"^non-finite (loss|gradient) in the update at step \d+; "
+        r"parameters and optimizer state are as before that update$",
     ) as e:
         tr.fit(x, target)
     t_bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
@@ -279,3 +283,39 @@ def test_non_finite_training_stops_and_keeps_the_parameters(backend, dtype):
     for k, v in twin.model.state_dict().items():
         np.testing.assert_array_equal(tr.model.state_dict()[k], v, err_msg=k)
     assert issubclass(tb.NonFiniteError, RuntimeError)
+    assert tb.NonFiniteError is NonFiniteError is TrainerNonFiniteError
+
+
+def test_reference_engine_raises_the_typed_error_with_the_complete_message():
+    """Engines raise NonFiniteError themselves; the trainer passes it on unchanged."""
+    from tbptt_fast import reference
+
+    m = tb.Model("cifg", D, H, O, dtype="float64", seed=0)
+    cfg = tb.Trainer(m, k1=3, backend="numpy")._engine_config
+    params = [p.copy() for p in m.param_list()]
+    params[1][0, 0] = np.inf  # weight_hh_l0: the trainer would refuse it, the engine does not
+    before = [p.copy() for p in params]
+    engine = reference.Engine(cfg, params)
+    x, target, _, _ = make_data(3, 4, B, D, O, "mse")
+    with pytest.raises(NonFiniteError) as e:
+        engine.run(x, target, None, None, False, False, False)
+    assert str(e.value) == (
+        "non-finite loss in the update at step 3; "
+        "parameters and optimizer state are as before that update"
+    )
+    for a, b in zip(params, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cifg_initial_state_takes_a_pair_per_layer():
+    m = tb.Model("cifg", D, H, O, num_layers=2, dtype="float64")
+    tr = tb.Trainer(m, k1=2, backend="numpy")
+    h = np.zeros((B, H))
+    with pytest.raises(
+        ValueError,
+        match=r"initial_state\[0\] must be a pair \(h, c\) for cells with a cell state "
+        r"\(lstm, cifg\)",
+    ):
+        tr.reset_state([h, h])
+    tr.reset_state([(h, h + 1), (h, h)])
+    assert [tuple(a[0, 0] for a in s) for s in tr.state] == [(0.0, 1.0), (0.0, 0.0)]

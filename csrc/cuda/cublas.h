@@ -11,7 +11,7 @@
 // The wheel's libcublas.so.13 finds its libcublasLt.so.13 through its own
 // RPATH ($ORIGIN).
 //
-// Blas wraps one cuBLAS handle bound to the engine's stream and offers
+// Blas wraps one cuBLAS handle bound to the policy's stream and offers
 // ROW-MAJOR gemm/gemv with the same conventions as cpu/blas.h.
 #pragma once
 

@@ -49,7 +49,7 @@ class DeviceBuffer {
     n_ = n;
 #if defined(TBPTT_NAN_FILL)
     TBPTT_CUDA_CHECK(cudaMemset(ptr_, 0xFF, n_ * sizeof(T)));
-    TBPTT_CUDA_CHECK(cudaDeviceSynchronize());  // the legacy stream does not order the engine's
+    TBPTT_CUDA_CHECK(cudaDeviceSynchronize());  // the legacy stream does not order the policy's
 #endif
   }
 
@@ -90,7 +90,7 @@ class DeviceGuard {
   int prev_ = 0;
 };
 
-// A non-blocking stream owned by one engine.
+// A non-blocking stream owned by one engine's device policy.
 class Stream {
  public:
   Stream() { TBPTT_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }

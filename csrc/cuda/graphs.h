@@ -1,14 +1,17 @@
 // Optional CUDA graphs for the per-step launch sequences (TBPTT_CUDA_GRAPHS=1).
 //
-// A chunk's forward over one layer is, per step, one cuBLAS product and one
-// cell kernel; the backward over a window is the same in reverse. At small H
+// A chunk's forward over one layer is, per step, the entering-state kernel,
+// one cuBLAS product and one cell kernel; the backward over a window is per
+// step one cell kernel, one cuBLAS product and the carry cut. At small H
 // those launches, not the arithmetic, set the time per step. GraphCache
 // records such a sequence once into a CUDA graph and replays it with one
 // launch whenever the same sequence comes again: same store, layer, first ring
 // slot, step count and state buffer (with a bounded k2 the ring's slots
 // repeat, so every chunk after the first few replays a graph). Everything a
 // sequence bakes in (device pointers, sizes) follows from that key as long as
-// no buffer is reallocated; the engine clears the cache whenever one is.
+// no buffer is reallocated; the device policy (device_policy.cuh) clears the
+// cache whenever one is. The sequences themselves are the skeleton's
+// (tbptt/engine.h, step_sequence); the key is its StepKey.
 //
 // Off by default: it has not run on a GPU yet (see README.md). A failed
 // capture falls back to launching that sequence directly (and is counted in

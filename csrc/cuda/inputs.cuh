@@ -1,7 +1,7 @@
 // Inputs that are already on the device (CuPy, PyTorch, anything with
 // __cuda_array_interface__ or DLPack): read in place, never through the host.
 // Two kernels over a strided view of any element type (DeviceView in
-// tbptt/engine_api.h):
+// tbptt/device_views.h), launched by device_policy.cuh:
 //   scan_kernel   the value checks of python/tbptt_fast/_validation.py
 //                 (first NaN/Inf, first class index out of range where the
 //                 mask is set, nonzero flags per step) with the first bad
@@ -20,7 +20,7 @@
 #include <cstdint>
 
 #include "cuda/kernels.cuh"
-#include "tbptt/engine_api.h"
+#include "tbptt/device_views.h"
 
 namespace tbptt::cuda {
 

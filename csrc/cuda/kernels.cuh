@@ -1,43 +1,69 @@
-// Kernels that are not cells: the state entering a chunk, the fused readout
-// loss + dLoss/dy, the deterministic gradient-norm / loss reductions, and the
-// guarded optimizer step. Twins of the loops in cpu/engine.cpp; the NumPy
-// reference (python/tbptt_fast/reference.py, losses.py, optim.py) is the
-// yardstick. Launch helpers are in engine.cu.
+// The CUDA policy's kernels that are not cells (cell_kernels.cuh has those):
+// fills, the state entering a step and the carry cut at a reset, the fused
+// readout loss + dLoss/dy, the deterministic reductions (block loss, gradient
+// norm and non-finite flag) and the optimizer step. Twins of the loops in
+// cpu/device.h; the NumPy reference (python/tbptt_fast/reference.py,
+// losses.py, optim.py) is the yardstick. Launched by device_policy.cuh only.
+// Shapes: the legend in tbptt/config.h; every pointer is device memory.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace tbptt::cuda {
 
 constexpr int kThreads = 256;
 constexpr int kReduceBlocks = 264;  // fixed grid: the reduction order never changes
-// Layout of the per-update status words (device, copied to the host once).
-constexpr int kStatusLoss = 0;       // sum over the block of mask * l
-constexpr int kStatusSumSq = 1;      // sum of squared gradient elements (double)
-constexpr int kStatusNonFinite = 2;  // 1.0 if any gradient element is NaN/Inf
-constexpr int kStatusWords = 4;
+
+// Blocks of kThreads for a grid-stride loop over n elements.
+inline int grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8192)));
+}
 
 #define TBPTT_GRID_STRIDE(i, n)                                             \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (n); \
        i += int64_t(gridDim.x) * blockDim.x)
 
-// State entering step `first` of a chunk: dst = resets ? init : src, per row
-// b of [B, H]. src may equal dst only if no row is reset (not used that way).
-template <typename T>
-__global__ void enter_state_kernel(int64_t batch, int64_t hidden, const T* src, const T* init,
-                                   const uint8_t* resets, T* dst) {
-  TBPTT_GRID_STRIDE(idx, batch * hidden) {
-    const int64_t b = idx / hidden;
-    dst[idx] = resets != nullptr && resets[b] != 0 ? init[idx] : src[idx];
-  }
-}
-
 template <typename T>
 __global__ void fill_kernel(int64_t n, T value, T* out) {
   TBPTT_GRID_STRIDE(i, n) {
     out[i] = value;
+  }
+}
+
+// Every row of dst [rows, width] = row [width].
+template <typename T>
+__global__ void fill_rows_kernel(int64_t rows, int64_t width, const T* row, T* dst) {
+  TBPTT_GRID_STRIDE(i, rows * width) {
+    dst[i] = row[i % width];
+  }
+}
+
+// The state entering a step, per (b, j) of [B, H]: h_in = resets[b] ? h_init
+// : h_prev, and the same for c when c_in is set. No argument aliases another.
+template <typename T>
+__global__ void enter_state_kernel(int64_t batch, int64_t hidden, const T* h_prev, const T* c_prev,
+                                   const T* h_init, const T* c_init, const uint8_t* resets, T* h_in,
+                                   T* c_in) {
+  TBPTT_GRID_STRIDE(idx, batch * hidden) {
+    const bool reset = resets[idx / hidden] != 0;
+    h_in[idx] = reset ? h_init[idx] : h_prev[idx];
+    if (c_in != nullptr) c_in[idx] = reset ? c_init[idx] : c_prev[idx];
+  }
+}
+
+// No gradient crosses a reset: dh_carry (and dc_carry, if set) [B, H] are
+// zero in the rows b where resets[b] is set.
+template <typename T>
+__global__ void cut_carry_kernel(int64_t batch, int64_t hidden, const uint8_t* resets, T* dh_carry,
+                                 T* dc_carry) {
+  TBPTT_GRID_STRIDE(idx, batch * hidden) {
+    if (resets[idx / hidden] == 0) continue;
+    dh_carry[idx] = T(0);
+    if (dc_carry != nullptr) dc_carry[idx] = T(0);
   }
 }
 
@@ -50,17 +76,17 @@ __device__ __forceinline__ double warp_max(double v) {
   return v;
 }
 
-// Readout loss over `rows` consecutive (step, b) rows; one warp per row.
-// y [rows, O] holds h_top W_out^T (no bias) on entry and dLoss/dy
-// UNNORMALISED on exit (0 where mask == 0); outputs [rows, O] (nullable)
-// receives y + b_out; row_loss [rows] (nullable) receives mask * l in double.
-// mse: target [rows, O]; cross_entropy: label [rows] in [0, O) where unmasked.
+// Readout loss over `rows` consecutive (step, b) rows of one ring segment;
+// one warp per row. y [rows, O] holds the outputs h_top W_out^T + b_out on
+// entry and the UNNORMALISED dLoss/dy on exit (0 where mask == 0).
+// outputs [rows, O] (nullable) receives y as it came in; row_loss [rows]
+// (nullable) receives mask * l in double. mse: target [rows, O];
+// cross_entropy: label [rows] in [0, O), read only where the mask is set.
 template <typename T>
 struct LossArgs {
   int64_t rows, out_size;
   bool cross_entropy;
   T* y;
-  const T* b_out;
   const T* mask;
   const T* target;
   const int64_t* label;
@@ -73,55 +99,68 @@ __global__ void loss_kernel(LossArgs<T> a) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
   const int64_t o = a.out_size;
+  // r is the same for the 32 lanes of a warp, so every branch on it (and on
+  // the row's mask) is warp-uniform, as the full-mask shuffles need.
   for (int64_t r = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32; r < a.rows;
        r += warps) {
     T* y = a.y + r * o;
-    T* out = a.outputs == nullptr ? nullptr : a.outputs + r * o;
-    const bool used = a.mask[r] != T(0);
+    if (a.outputs != nullptr) {
+      T* out = a.outputs + r * o;
+      for (int64_t j = lane; j < o; j += 32) out[j] = y[j];
+    }
     double l = 0.0;
-    if (!a.cross_entropy) {
+    if (a.mask[r] == T(0)) {
+      for (int64_t j = lane; j < o; j += 32) y[j] = T(0);
+    } else if (!a.cross_entropy) {
       const T* tg = a.target + r * o;
       const T two_over_o = T(2) / static_cast<T>(o);
       for (int64_t j = lane; j < o; j += 32) {
-        const T yj = y[j] + a.b_out[j];
-        if (out != nullptr) out[j] = yj;
-        const T diff = yj - tg[j];
+        const T diff = y[j] - tg[j];
         l += static_cast<double>(diff) * static_cast<double>(diff);
-        y[j] = used ? two_over_o * diff : T(0);
+        y[j] = two_over_o * diff;
       }
       l = warp_sum(l) / static_cast<double>(o);
     } else {
       double mx = -INFINITY;
-      for (int64_t j = lane; j < o; j += 32) {
-        const T yj = y[j] + a.b_out[j];
-        if (out != nullptr) out[j] = yj;
-        y[j] = yj;
-        mx = fmax(mx, static_cast<double>(yj));
-      }
+      for (int64_t j = lane; j < o; j += 32) mx = fmax(mx, static_cast<double>(y[j]));
       mx = warp_max(mx);
-      __syncwarp();  // y with bias, written by other lanes, is read below
-      if (used) {
-        double se = 0.0;
-        for (int64_t j = lane; j < o; j += 32) se += exp(static_cast<double>(y[j]) - mx);
-        se = warp_sum(se);
-        const double lse = mx + log(se);
-        const int64_t k = a.label[r];
-        l = lse - static_cast<double>(y[k]);
-        __syncwarp();  // every lane has read y[k] before it is overwritten
-        for (int64_t j = lane; j < o; j += 32) {
-          T v = static_cast<T>(exp(static_cast<double>(y[j]) - lse));
-          if (j == k) v -= T(1);
-          y[j] = v;
-        }
-      } else {
-        for (int64_t j = lane; j < o; j += 32) y[j] = T(0);
+      double se = 0.0;
+      for (int64_t j = lane; j < o; j += 32) se += exp(static_cast<double>(y[j]) - mx);
+      se = warp_sum(se);
+      const double lse = mx + log(se);
+      const int64_t k = a.label[r];
+      l = lse - static_cast<double>(y[k]);
+      __syncwarp();  // every lane has read y[k] before it is overwritten
+      for (int64_t j = lane; j < o; j += 32) {
+        T v = static_cast<T>(exp(static_cast<double>(y[j]) - lse));
+        if (j == k) v -= T(1);
+        y[j] = v;
       }
     }
-    if (lane == 0 && a.row_loss != nullptr) a.row_loss[r] = used ? l : 0.0;
+    if (lane == 0 && a.row_loss != nullptr) a.row_loss[r] = l;
   }
 }
 
-// Per-block partial sums of g^2 (double) and a non-finite flag over n elements.
+// One block of kThreads: out[0] = the sum of v over the (at most two) ranges
+// [r0, r0 + n0) and [r1, r1 + n1), in a fixed order (deterministic).
+__global__ void sum_ranges_kernel(const double* v, int64_t r0, int64_t n0, int64_t r1, int64_t n1,
+                                  double* out) {
+  __shared__ double s_sum[kThreads / 32];
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < n0; i += blockDim.x) acc += v[r0 + i];
+  for (int64_t i = threadIdx.x; i < n1; i += blockDim.x) acc += v[r1 + i];
+  acc = warp_sum(acc);
+  if ((threadIdx.x & 31) == 0) s_sum[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double t = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) t += s_sum[w];
+    out[0] = t;
+  }
+}
+
+// kReduceBlocks blocks of kThreads: per-block partial sums of g^2 (double)
+// and a non-finite flag over n elements.
 template <typename T>
 __global__ void grad_norm_partial_kernel(int64_t n, const T* g, double* partial_sumsq,
                                          int* partial_bad) {
@@ -153,54 +192,34 @@ __global__ void grad_norm_partial_kernel(int64_t n, const T* g, double* partial_
   }
 }
 
-// One block: status = {sum of row_loss over the block's <= 2 row ranges,
-// sum of the partials, non-finite flag}.
-__global__ void finish_status_kernel(const double* row_loss, int64_t r0, int64_t n0, int64_t r1,
-                                     int64_t n1, const double* partial_sumsq,
-                                     const int* partial_bad, int partials, double* status) {
-  __shared__ double s_loss[kThreads / 32];
-  double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < n0; i += blockDim.x) acc += row_loss[r0 + i];
-  for (int64_t i = threadIdx.x; i < n1; i += blockDim.x) acc += row_loss[r1 + i];
-  acc = warp_sum(acc);
-  if ((threadIdx.x & 31) == 0) s_loss[threadIdx.x / 32] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double loss = 0.0, sumsq = 0.0;
-    int bad = 0;
-    for (int w = 0; w < kThreads / 32; ++w) loss += s_loss[w];
-    for (int p = 0; p < partials; ++p) {
-      sumsq += partial_sumsq[p];
-      bad |= partial_bad[p];
-    }
-    status[kStatusLoss] = loss;
-    status[kStatusSumSq] = sumsq;
-    status[kStatusNonFinite] = bad ? 1.0 : 0.0;
+// One thread: out = {sum of the partials, 1.0 if any partial flag is set}.
+__global__ void finish_norm_kernel(const double* partial_sumsq, const int* partial_bad,
+                                   int partials, double* out) {
+  double sumsq = 0.0;
+  int bad = 0;
+  for (int p = 0; p < partials; ++p) {
+    sumsq += partial_sumsq[p];
+    bad |= partial_bad[p];
   }
+  out[0] = sumsq;
+  out[1] = bad ? 1.0 : 0.0;
 }
 
 // Everything the optimizer kernel needs besides the arrays.
 struct OptArgs {
-  bool adam;
-  double lr, momentum, weight_decay, beta1, beta2, eps, clip;
-  bool nesterov;
+  bool adam, nesterov;
+  double coef;  // clip coefficient applied to the gradient (1: none)
+  double lr, momentum, weight_decay, beta1, beta2, eps;
   double step_size, bc2_sqrt;  // adam: lr / (1 - beta1^s), sqrt(1 - beta2^s)
-  double denom;                // max(1, mask count) of the block
 };
 
-// One torch.optim SGD / Adam step over all parameters (flat), after
-// clip_grad_norm_. Does nothing when the update is non-finite (the host then
-// raises): parameters and optimizer state stay as they were.
+// One torch.optim SGD / Adam step (default flags) over all n parameters
+// (flat), the gradient scaled by the clip coefficient first. The host has
+// checked the update is finite. m: momentum buffer / Adam first moment
+// (unused for SGD without momentum, may be null); v: Adam second moment.
 template <typename T>
-__global__ void optimizer_kernel(int64_t n, OptArgs a, const double* status, T* p, const T* g, T* m,
-                                 T* v) {
-  const double loss = status[kStatusLoss] / a.denom;
-  if (!isfinite(static_cast<T>(loss)) || status[kStatusNonFinite] != 0.0) return;
-  T coef = T(1);
-  if (a.clip > 0.0) {
-    const double c = a.clip / (sqrt(status[kStatusSumSq]) + 1e-6);
-    if (c < 1.0) coef = static_cast<T>(c);
-  }
+__global__ void optimizer_kernel(int64_t n, OptArgs a, T* p, const T* g, T* m, T* v) {
+  const T coef = static_cast<T>(a.coef);
   const T lr = static_cast<T>(a.lr), wd = static_cast<T>(a.weight_decay);
   if (a.adam) {
     const T step_size = static_cast<T>(a.step_size), bc2_sqrt = static_cast<T>(a.bc2_sqrt);

@@ -1,8 +1,27 @@
 // Config helpers: canonical parameter shapes/names and range checks.
-#include "tbptt/engine_api.h"
+#include "tbptt/config.h"
+
 #include "tbptt/errors.h"
 
 namespace tbptt {
+
+int64_t Config::gates() const {
+#define TBPTT_CELL_GATES(name, Type) \
+  case CellKind::name:               \
+    return Type::kGates;
+  switch (cell) { TBPTT_CELLS(TBPTT_CELL_GATES) }
+#undef TBPTT_CELL_GATES
+  return 1;
+}
+
+int64_t Config::state_per_layer() const {
+#define TBPTT_CELL_STATES(name, Type) \
+  case CellKind::name:                \
+    return Type::kStates;
+  switch (cell) { TBPTT_CELLS(TBPTT_CELL_STATES) }
+#undef TBPTT_CELL_STATES
+  return 1;
+}
 
 std::vector<int64_t> Config::param_shape(int64_t i) const {
   const int64_t gh = gates() * hidden_size;

@@ -1,21 +1,9 @@
-// tbptt_fast engine interface: the pure C++ contract every native backend
-// (CPU now, CUDA later) implements. bindings.cpp converts NumPy <-> the plain
+// The engine interface every native backend implements (engine.h's skeleton
+// on a cpu or cuda device policy). bindings.cpp converts NumPy <-> the plain
 // views below once, then drives any EngineBase. No pybind11, no BLAS, no CUDA
-// headers here, so every backend can include it.
-//
-// Shape legend (used by every header under csrc/):
-//   T  steps in one run() call           B  batch size
-//   D  input size (D_0 = D, D_l = H for l > 0)
-//   H  hidden size                        O  readout (output) size
-//   G  gates: 1 rnn_tanh/rnn_relu, 4 lstm (i,f,g,o), 3 gru (r,z,n)
-//   L  number of layers                   K  ring capacity in steps
-//   P  number of parameter arrays = 4L + 2
-// All arrays are row-major (rightmost index fastest), C-contiguous, with no
-// padding, in the engine's dtype unless stated otherwise.
-//
-// Semantics: /work/shared/SPEC.md and engine_api.md (TBPTT(k1, k2), losses,
-// optimizers, error messages). Engines trust their inputs: validation of
-// types, shapes and values is done by the caller (bindings / Python layer).
+// headers here. Engines trust their inputs: validation of types, shapes and
+// values is done by the caller (the Python layer and the bindings).
+// Shapes: the legend in tbptt/config.h.
 #pragma once
 
 #include <cstdint>
@@ -24,170 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "tbptt/config.h"
+#include "tbptt/device_views.h"
 #include "tbptt/errors.h"
 
 namespace tbptt {
-
-enum class CellKind { kRnnTanh, kRnnRelu, kLstm, kGru };
-enum class LossKind { kMse, kCrossEntropy };
-enum class OverlapKind { kStored, kRecompute };
-enum class OptimizerKind { kSgd, kAdam };
-enum class DType { kFloat32, kFloat64 };
-
-// Engine configuration; mirrors the config dict of engine_api.md.
-struct Config {
-  CellKind cell = CellKind::kLstm;
-  int64_t input_size = 0;   // D
-  int64_t hidden_size = 0;  // H
-  int64_t output_size = 0;  // O
-  int64_t num_layers = 1;   // L
-  DType dtype = DType::kFloat32;
-  int64_t k1 = 1;
-  int64_t k2 = 1;  // 0 = unbounded (window reaches back to the last reset)
-  LossKind loss = LossKind::kMse;
-  OverlapKind overlap = OverlapKind::kStored;
-  OptimizerKind optimizer = OptimizerKind::kSgd;
-  double lr = 0.01;
-  double momentum = 0.0;
-  bool nesterov = false;
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.0;
-  double clip = 0.0;     // <= 0: no clipping
-  int64_t capacity = 0;  // ring capacity override in steps; 0 = max(k1, k2)
-
-  // SPEC section 3: the gradient of the update at step t (previous update at
-  // t_prev, 0 if none) flows back through steps (w, t]. The one place this
-  // rule is written in C++.
-  int64_t window_start(int64_t t, int64_t t_prev) const {
-    if (unbounded()) return 0;
-    const int64_t overlap = k2 > k1 ? k2 - k1 : 0;
-    int64_t w = t - k2 > t_prev - overlap ? t - k2 : t_prev - overlap;
-    return w > 0 ? w : 0;
-  }
-  // Steps of history a ring holds: max(k1, k2), or the test override
-  // `capacity` (never below k1, since a block must fit). Grows when unbounded.
-  int64_t ring_capacity() const {
-    const int64_t need = k1 > k2 ? k1 : k2;
-    return capacity > 0 ? (capacity > k1 ? capacity : k1) : need;
-  }
-  // Steps of history held after `count` steps since the last reset.
-  int64_t history_steps(int64_t count) const {
-    if (unbounded()) return count;
-    const int64_t need = k1 > k2 ? k1 : k2;
-    return count < need ? count : need;
-  }
-  int64_t gates() const { return cell == CellKind::kLstm ? 4 : cell == CellKind::kGru ? 3 : 1; }
-  bool unbounded() const { return k2 == 0; }
-  // Number of parameter arrays, 4L + 2, in canonical order:
-  // for l in 0..L-1: weight_ih_l{l} [G*H, D_l], weight_hh_l{l} [G*H, H],
-  // bias_ih_l{l} [G*H], bias_hh_l{l} [G*H]; then readout.weight [O, H],
-  // readout.bias [O].
-  int64_t num_params() const { return 4 * num_layers + 2; }
-  std::vector<int64_t> param_shape(int64_t i) const;
-  int64_t param_size(int64_t i) const;  // product of param_shape(i)
-  // [P + 1] start of each parameter in one flat buffer of all of them, in
-  // canonical order; the last entry is the total size.
-  std::vector<int64_t> param_offsets() const;
-  std::string param_name(int64_t i) const;
-  // State arrays per layer: 2 for lstm (h, c), else 1 (h); each [B, H].
-  int64_t state_per_layer() const { return cell == CellKind::kLstm ? 2 : 1; }
-  size_t dtype_size() const { return dtype == DType::kFloat32 ? 4 : 8; }
-  // Throws std::invalid_argument naming the bad field.
-  void validate() const;
-};
-
-// Element types of a caller's device array (CUDA engine inputs). The codes
-// are shared with python/tbptt_fast/_device.py (ELEM_CODES).
-enum class ElemType : int {
-  kF16 = 0,
-  kF32 = 1,
-  kF64 = 2,
-  kBool = 3,
-  kI8 = 4,
-  kI16 = 5,
-  kI32 = 6,
-  kI64 = 7,
-  kU8 = 8,
-  kU16 = 9,
-  kU32 = 10,
-  kU64 = 11,
-};
-inline bool is_float(ElemType t) {
-  return t == ElemType::kF16 || t == ElemType::kF32 || t == ElemType::kF64;
-}
-inline size_t elem_size(ElemType t) {
-  switch (t) {
-    case ElemType::kF64:
-    case ElemType::kI64:
-    case ElemType::kU64:
-      return 8;
-    case ElemType::kF32:
-    case ElemType::kI32:
-    case ElemType::kU32:
-      return 4;
-    case ElemType::kF16:
-    case ElemType::kI16:
-    case ElemType::kU16:
-      return 2;
-    default:
-      return 1;
-  }
-}
-inline bool is_integer(ElemType t) {
-  return static_cast<int>(t) >= static_cast<int>(ElemType::kI8);
-}
-
-// A strided view of caller-owned CUDA device memory (rank <= 3, any strides,
-// any ElemType), borrowed for one call. `name` is used in error messages.
-struct DeviceView {
-  const void* data = nullptr;
-  ElemType type = ElemType::kF32;
-  int ndim = 0;
-  int64_t shape[3] = {1, 1, 1};
-  int64_t strides[3] = {0, 0, 0};  // in bytes
-  std::string name;
-  int64_t size() const {
-    int64_t n = 1;
-    for (int i = 0; i < ndim; ++i) n *= shape[i];
-    return n;
-  }
-};
-
-// run() inputs already on the device (CUDA engine only): x [T, B, D] float,
-// target [T, B, O] float (mse) or [T, B] integer (cross_entropy), optional
-// mask / resets [T, B] bool or numeric (nonzero = set). They are converted
-// into the engine's ring chunk by chunk on the device (cast, strides, labels
-// and targets zeroed where unread); nothing goes through the host. run()
-// checks labels and the mask again on the device and counts the mask; the
-// caller validates every value first with scan_device, for its messages.
-struct DeviceInputs {
-  DeviceView x, target, mask, resets;
-  bool has_mask = false, has_resets = false;
-};
-
-// One value check of a device array, run on the device (the device twin of
-// the NumPy validation in python/tbptt_fast/_validation.py).
-enum class ScanKind {
-  kFinite,  // float array: first NaN/Inf (only where the mask is set, if given)
-  kFlag,    // bool/numeric flags: first NaN/Inf; with row_len, nonzero count per row
-  kClass,   // integer class indices: first outside [0, num_classes) where the mask is set
-};
-struct ScanRequest {
-  DeviceView array;
-  ScanKind kind = ScanKind::kFinite;
-  const DeviceView* mask = nullptr;  // element i of `array` is read where mask[i / mask_div] != 0
-  int64_t mask_div = 1;
-  int64_t row_len = 0;  // kFlag: count nonzero entries per run of row_len elements
-  int64_t num_classes = 0;
-};
-struct ScanResult {
-  int64_t first_bad = -1;           // flat C-order index of the first bad element; -1: none
-  double value = 0.0;               // its value (floats and flags)
-  int64_t ivalue = 0;               // its value (integers; uint64: the same 64 bits)
-  std::vector<int64_t> row_counts;  // kFlag with row_len: [size / row_len]
-};
 
 // Inputs of one run() call. Every pointer is borrowed from the caller for the
 // duration of the call only; none may alias another or the parameters.

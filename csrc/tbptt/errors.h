@@ -16,6 +16,14 @@ std::string str_cat(const Args&... args) {
   return os.str();
 }
 
+// A non-finite loss or gradient in an update (tbptt_fast.NonFiniteError in
+// Python, registered by the bindings). The engine raises it after marking the
+// block consumed and before touching parameters or optimizer state.
+class NonFiniteError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace tbptt
 
 // TBPTT_CHECK_ARG(cond, msg parts...): throws std::invalid_argument.

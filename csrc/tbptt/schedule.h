@@ -1,4 +1,4 @@
-// The TBPTT(k1, k2) schedule every engine follows (SPEC section 3): the step
+// The TBPTT(k1, k2) schedule every engine follows (the window rule of tbptt/config.h): the step
 // count since the last trainer-level reset, the pending block, the previous
 // update, and the cut of a run into chunks that end at update points. The
 // engines supply what a chunk's forward and an update compute.
@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "tbptt/engine_api.h"
+#include "tbptt/config.h"
 
 namespace tbptt {
 

@@ -1,4 +1,4 @@
-"""tbptt_fast: truncated backpropagation through time, TBPTT(k1, k2), for RNN, LSTM and GRU.
+"""tbptt_fast: truncated backpropagation through time, TBPTT(k1, k2), for RNN, LSTM, GRU and CIFG.
 
 >>> import tbptt_fast as tb
 >>> model = tb.Model("lstm", input_size=3, hidden_size=8, output_size=2)
@@ -6,9 +6,10 @@
 """
 
 from ._backend import cuda_available, native_available
-from .model import Model
+from .errors import NonFiniteError
+from .model import CELLS, Model
 from .optim import SGD, Adam
-from .trainer import FitResult, NonFiniteError, Trainer
+from .trainer import FitResult, Trainer
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,7 @@ def get_num_threads() -> int:
 
 
 __all__ = [
+    "CELLS",
     "SGD",
     "Adam",
     "FitResult",

@@ -7,7 +7,10 @@ backend is asked for.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from . import reference
+from ._config import EngineConfig
 
 BACKENDS = ("numpy", "cpu", "cuda")
 
@@ -29,10 +32,16 @@ def cuda_available() -> bool:
     return bool(core is not None and hasattr(core, "cuda_available") and core.cuda_available())
 
 
-def make_engine(backend: str, config: dict, params: list):
-    """An engine for ``backend`` (see ``reference.Engine`` for the interface)."""
+def make_engine(backend: str, config: EngineConfig | Mapping, params: list):
+    """An engine for ``backend`` (see ``reference.Engine`` for the interface).
+
+    ``config``: an :class:`EngineConfig`, or its dict form; the native engines
+    take the dict form.
+    """
     if backend == "numpy":
         return reference.Engine(config, params)
+    if isinstance(config, EngineConfig):
+        config = config.as_dict()
     core, err = _core()
     if core is None:
         raise RuntimeError(

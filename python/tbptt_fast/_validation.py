@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .model import _to_numpy
+from .reference import PAIRED, state_count
 
 
 def check_k(name: str, value, *, allow_none: bool = False) -> int | None:
@@ -110,14 +111,15 @@ def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
     """Parse ``initial_state`` into the flat layer-major list the engines take.
 
     Accepts a list with one entry per layer (``h`` [B, H], or ``(h, c)`` for
-    lstm), or PyTorch's form: ``h0`` [L, B, H], or ``(h0, c0)`` for lstm.
+    the cells with a cell state, lstm and cifg), or PyTorch's form: ``h0``
+    [L, B, H], or ``(h0, c0)`` for those cells.
     ``batch``, when given, is the batch size the state must have.
     """
-    L, H, lstm = model.num_layers, model.hidden_size, model.cell == "lstm"
+    L, H, paired = model.num_layers, model.hidden_size, state_count(model.cell) == 2
     name = "initial_state"
     torch_form = None
     if (
-        lstm
+        paired
         and isinstance(value, (tuple, list))
         and len(value) == 2
         and not any(isinstance(v, (tuple, list)) for v in value)
@@ -125,31 +127,34 @@ def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
         parts = [_to_numpy(v) for v in value]
         if all(p.ndim == 3 for p in parts):
             torch_form = parts
-    elif not lstm and not isinstance(value, (list, tuple)):
+    elif not paired and not isinstance(value, (list, tuple)):
         torch_form = [_to_numpy(value)]
     if torch_form is not None:
         arrays = []
         for j, part in enumerate(torch_form):
-            sub = f"{name}[{j}]" if lstm else name
+            sub = f"{name}[{j}]" if paired else name
             _check_shape(sub, part, (L, batch, H), ("L", "B", "H"))
             arrays.append(part)
         flat_named = []
         for k in range(L):
             for j, part in enumerate(arrays):
-                sub = f"{name}[{j}]" if lstm else name
+                sub = f"{name}[{j}]" if paired else name
                 flat_named.append((f"{sub}[{k}]", part[k]))
     else:
         if not isinstance(value, (list, tuple)) or len(value) != L:
-            form = "(h0, c0) with each [L, B, H]" if lstm else "h0 [L, B, H]"
-            per = "(h, c)" if lstm else "h [B, H]"
+            form = "(h0, c0) with each [L, B, H]" if paired else "h0 [L, B, H]"
+            per = "(h, c)" if paired else "h [B, H]"
             raise ValueError(
                 f"{name} must be a list of {L} per-layer entries {per}, or PyTorch's {form}"
             )
         flat_named = []
         for k, entry in enumerate(value):
-            if lstm:
+            if paired:
                 if not isinstance(entry, (list, tuple)) or len(entry) != 2:
-                    raise ValueError(f"{name}[{k}] must be a pair (h, c) for lstm")
+                    raise ValueError(
+                        f"{name}[{k}] must be a pair (h, c) for cells with a cell state "
+                        f"({', '.join(PAIRED)})"
+                    )
                 flat_named += [(f"{name}[{k}][0]", entry[0]), (f"{name}[{k}][1]", entry[1])]
             else:
                 flat_named.append((f"{name}[{k}]", entry))

@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 
+from .model import CELLS
+
 __all__ = ["delayed_echo", "main"]
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", help="benchmarks against pure-Python and PyTorch (see --help)")
     tr = sub.add_parser("train", help="train on the built-in delayed-echo task")
-    tr.add_argument("--cell", default="lstm", choices=["rnn_tanh", "rnn_relu", "lstm", "gru"])
+    tr.add_argument("--cell", default="lstm", choices=CELLS)
     tr.add_argument("--hidden", type=int, default=32)
     tr.add_argument("--layers", type=int, default=1)
     tr.add_argument("--k1", type=int, default=8)

@@ -7,12 +7,13 @@ import weakref
 
 import numpy as np
 
+from . import reference
 from ._device import cuda_array, is_torch
-from .reference import GATES, param_names
+from .reference import param_names
 
 __all__ = ["CELLS", "DTYPES", "Model"]
 
-CELLS = tuple(GATES)
+CELLS = tuple(reference.CELLS)  # the cell registry's names, in its order
 DTYPES = ("float32", "float64")
 
 
@@ -44,14 +45,16 @@ class Model:
     """A stack of ``num_layers`` recurrent layers followed by a linear readout.
 
     Parameters (names and shapes as ``torch.nn.LSTM/GRU/RNN`` + ``torch.nn.Linear``,
-    G = 1 rnn_tanh/rnn_relu, 4 lstm (i, f, g, o), 3 gru (r, z, n)):
+    G = 1 rnn_tanh/rnn_relu, 4 lstm (i, f, g, o), 3 gru (r, z, n), 3 cifg (f, g, o)):
     ``weight_ih_l{k}`` [G*H, D_k] (D_0 = input_size, else H), ``weight_hh_l{k}``
     [G*H, H], ``bias_ih_l{k}``, ``bias_hh_l{k}`` [G*H], ``readout.weight`` [O, H],
     ``readout.bias`` [O]. All are drawn uniform in [-1/sqrt(H), 1/sqrt(H)] from
     ``numpy.random.default_rng(seed)`` in that order, then cast to ``dtype``.
 
     Args:
-        cell: "rnn_tanh", "rnn_relu", "lstm" or "gru".
+        cell: one of :data:`CELLS`: "rnn_tanh", "rnn_relu", "lstm", "gru" or
+            "cifg" (the LSTM with coupled input and forget gates: ``c' = f*c +
+            (1-f)*g``, ``h' = o*tanh(c')``; its state is ``(h, c)`` like lstm's).
         input_size, hidden_size, output_size, num_layers: D, H, O, L (ints >= 1).
         dtype: "float32" (default) or "float64"; every computation uses it.
         seed: seed of the initialisation.
@@ -67,7 +70,7 @@ class Model:
         dtype: str = "float32",
         seed: int = 0,
     ):
-        if cell not in GATES:
+        if cell not in reference.CELLS:
             raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
         self.cell = cell
         self.input_size = _positive_int("input_size", input_size)
@@ -93,7 +96,7 @@ class Model:
     @property
     def gates(self) -> int:
         """G: gates per hidden unit (1, 4 or 3)."""
-        return GATES[self.cell]
+        return reference.CELLS[self.cell].gates
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameter name -> shape, in canonical order."""

@@ -1,16 +1,15 @@
 """The NumPy reference of TBPTT(k1, k2): the yardstick every backend is tested against.
 
-Readable rather than fast. It implements the engine interface that the native
-engines (``tbptt_fast._core.Engine``, ``CudaEngine``) share; the public
+Readable rather than fast. The cells are one table, :data:`CELLS` (name ->
+:class:`CellDef`: gate and state counts, one step forward and backward), in the
+order of the native registry. The engine implements the interface that the
+native engines (``tbptt_fast._core.Engine``, ``CudaEngine``) share; the public
 :class:`~tbptt_fast.Trainer` validates every argument and then calls one of them.
 
 Engine interface
 ----------------
-``Engine(config, params)``: ``config`` is a dict with ``cell``, ``input_size``
-(D), ``hidden_size`` (H), ``output_size`` (O), ``num_layers`` (L), ``dtype``,
-``k1``, ``k2`` (0 = unbounded), ``loss``, ``overlap``, the optimizer keys of
-``SGD.config()`` / ``Adam.config()``, ``clip`` (<= 0: no clipping) and
-``capacity`` (ring size override, 0 = default; the reference ignores it).
+``Engine(config, params)``: ``config`` is an :class:`~tbptt_fast._config.EngineConfig`
+(the native engines take its ``as_dict()``; the reference takes either form).
 ``params`` are the model's own arrays in canonical order (``param_names``);
 the engine updates them in place.
 
@@ -27,22 +26,36 @@ the engine updates them in place.
 - ``state()``, ``step_count``, ``pending``, ``stored_steps``,
   ``pull_params()``, ``push_params()``.
 
+A non-finite loss or gradient raises :class:`~tbptt_fast.errors.NonFiniteError`
+naming the update step.
+
 Shapes: T steps, B batch, D input, H hidden, G gates (1 rnn, 4 lstm i,f,g,o,
-3 gru r,z,n), O outputs, L layers. Row-major, time first.
+3 gru r,z,n, 3 cifg f,g,o), O outputs, L layers. Row-major, time first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._config import EngineConfig
+from .errors import NonFiniteError
 from .losses import LOSSES
 from .optim import adam_step, clip_grad_norm, sgd_step
 
-__all__ = ["GATES", "Engine", "cell_backward", "cell_forward", "param_names", "window_start"]
-
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+__all__ = [
+    "CELLS",
+    "GATES",
+    "CellDef",
+    "Engine",
+    "cell_backward",
+    "cell_forward",
+    "param_names",
+    "state_count",
+    "window_start",
+]
 
 
 def param_names(num_layers: int) -> list[str]:
@@ -71,44 +84,165 @@ def _sigmoid(z):
 
 # ----------------------------------------------------------------------------
 # Cells: one step of one layer. A cell never loops over time.
+#
+# forward(a, u, state) -> (new_state, cache): a [B, G*H] is the input projection
+#   ``x W_ih^T + b_ih``, u [B, G*H] the recurrent one ``h W_hh^T + b_hh``, state
+#   ``(h,)`` or ``(h, c)``, each [B, H]; the cache holds what the backward pass
+#   needs (post-activation gates, and for gru the hidden-side term u_n).
+# backward(cache, state, d_state) -> (dA, dU, d_direct): state is the state that
+#   entered the step, d_state the gradient w.r.t. the state it produced; dA, dU
+#   [B, G*H] are the gradients w.r.t. a (and so b_ih) and u (and so b_hh), and
+#   d_direct the part of the gradient w.r.t. the entering state that does not
+#   pass through W_hh.
 # ----------------------------------------------------------------------------
+
+
+def _rnn_tanh_forward(a, u, state):
+    h_new = np.tanh(a + u)
+    return (h_new,), {"h": h_new}
+
+
+def _rnn_tanh_backward(cache, state, d_state):
+    dh = d_state[0]
+    dA = dh * (1 - cache["h"] ** 2)
+    return dA, dA, (np.zeros_like(dh),)
+
+
+def _rnn_relu_forward(a, u, state):
+    h_new = np.maximum(a + u, 0)
+    return (h_new,), {"h": h_new}
+
+
+def _rnn_relu_backward(cache, state, d_state):
+    dh = d_state[0]
+    dA = dh * (cache["h"] > 0)
+    return dA, dA, (np.zeros_like(dh),)
+
+
+def _lstm_forward(a, u, state):
+    H = state[0].shape[1]
+    z = a + u
+    i = _sigmoid(z[:, 0:H])
+    f = _sigmoid(z[:, H : 2 * H])
+    g = np.tanh(z[:, 2 * H : 3 * H])
+    o = _sigmoid(z[:, 3 * H : 4 * H])
+    c_new = f * state[1] + i * g
+    tanh_c = np.tanh(c_new)
+    h_new = o * tanh_c
+    return (h_new, c_new), {"i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c}
+
+
+def _lstm_backward(cache, state, d_state):
+    dh = d_state[0]
+    i, f, g, o, tanh_c = cache["i"], cache["f"], cache["g"], cache["o"], cache["tanh_c"]
+    dc = d_state[1] + dh * o * (1 - tanh_c**2)
+    d_i = dc * g * i * (1 - i)
+    d_f = dc * state[1] * f * (1 - f)
+    d_g = dc * i * (1 - g**2)
+    d_o = dh * tanh_c * o * (1 - o)
+    dA = np.concatenate([d_i, d_f, d_g, d_o], axis=1)
+    return dA, dA, (np.zeros_like(dh), dc * f)
+
+
+def _gru_forward(a, u, state):
+    h = state[0]
+    H = h.shape[1]
+    r = _sigmoid(a[:, 0:H] + u[:, 0:H])
+    z = _sigmoid(a[:, H : 2 * H] + u[:, H : 2 * H])
+    u_n = u[:, 2 * H : 3 * H]
+    n = np.tanh(a[:, 2 * H : 3 * H] + r * u_n)
+    h_new = (1 - z) * n + z * h
+    return (h_new,), {"r": r, "z": z, "n": n, "u_n": u_n}
+
+
+def _gru_backward(cache, state, d_state):
+    dh = d_state[0]
+    r, z, n, u_n = cache["r"], cache["z"], cache["n"], cache["u_n"]
+    h = state[0]
+    d_n = dh * (1 - z) * (1 - n**2)  # w.r.t. the pre-activation of n
+    d_z = dh * (h - n) * z * (1 - z)
+    d_r = d_n * u_n * r * (1 - r)
+    dA = np.concatenate([d_r, d_z, d_n], axis=1)
+    dU = np.concatenate([d_r, d_z, d_n * r], axis=1)
+    return dA, dU, (dh * z,)
+
+
+def _cifg_forward(a, u, state):
+    # the input gate is coupled to the forget gate: i = 1 - f
+    H = state[0].shape[1]
+    z = a + u
+    f = _sigmoid(z[:, 0:H])
+    g = np.tanh(z[:, H : 2 * H])
+    o = _sigmoid(z[:, 2 * H : 3 * H])
+    c_new = f * state[1] + (1 - f) * g
+    tanh_c = np.tanh(c_new)
+    h_new = o * tanh_c
+    return (h_new, c_new), {"f": f, "g": g, "o": o, "tanh_c": tanh_c}
+
+
+def _cifg_backward(cache, state, d_state):
+    dh = d_state[0]
+    f, g, o, tanh_c = cache["f"], cache["g"], cache["o"], cache["tanh_c"]
+    dc = d_state[1] + dh * o * (1 - tanh_c**2)
+    d_f = dc * (state[1] - g) * f * (1 - f)  # dc'/df = c - g
+    d_g = dc * (1 - f) * (1 - g**2)
+    d_o = dh * tanh_c * o * (1 - o)
+    dA = np.concatenate([d_f, d_g, d_o], axis=1)
+    return dA, dA, (np.zeros_like(dh), dc * f)
+
+
+@dataclass(frozen=True)
+class CellDef:
+    """One cell of SPEC section 1.
+
+    gates: G, gate blocks per hidden unit (in the parameters' row order);
+    states: 1 (state ``(h,)``) or 2 (``(h, c)``); forward and backward: one
+    step of one layer, with the signatures described above.
+    """
+
+    gates: int
+    states: int
+    forward: Callable
+    backward: Callable
+
+
+# The cell registry, in the native registry's order (tbptt_fast._core.cells()).
+CELLS: dict[str, CellDef] = {
+    "rnn_tanh": CellDef(1, 1, _rnn_tanh_forward, _rnn_tanh_backward),
+    "rnn_relu": CellDef(1, 1, _rnn_relu_forward, _rnn_relu_backward),
+    "lstm": CellDef(4, 2, _lstm_forward, _lstm_backward),  # i, f, g, o
+    "gru": CellDef(3, 1, _gru_forward, _gru_backward),  # r, z, n
+    "cifg": CellDef(3, 2, _cifg_forward, _cifg_backward),  # f, g, o
+}
+
+GATES = {name: d.gates for name, d in CELLS.items()}  # name -> G (the benchmarks read it)
+
+#: The cells whose state is ``(h, c)``, for messages.
+PAIRED = tuple(name for name, d in CELLS.items() if d.states == 2)
+
+
+def _cell(cell: str) -> CellDef:
+    try:
+        return CELLS[cell]
+    except KeyError:
+        raise ValueError(f"unknown cell {cell!r}") from None
+
+
+def state_count(cell: str) -> int:
+    """Arrays per layer in the state: 1 (``h``) or 2 (``(h, c)``)."""
+    return _cell(cell).states
 
 
 def cell_forward(cell: str, a: np.ndarray, state: tuple, w_hh: np.ndarray, b_hh: np.ndarray):
     """One step of one layer.
 
     a: [B, G*H] input projection ``x W_ih^T + b_ih``; state: ``(h,)`` or
-    ``(h, c)`` for lstm, each [B, H]; w_hh [G*H, H]; b_hh [G*H].
+    ``(h, c)`` (lstm, cifg), each [B, H]; w_hh [G*H, H]; b_hh [G*H].
     Returns ``(new_state, cache)``; the cache holds what the backward pass needs
     (post-activation gates, and for gru the hidden-side candidate term u_n).
     """
-    h = state[0]
-    u = h @ w_hh.T + b_hh
-    H = h.shape[1]
-    if cell == "rnn_tanh":
-        h_new = np.tanh(a + u)
-        return (h_new,), {"h": h_new}
-    if cell == "rnn_relu":
-        h_new = np.maximum(a + u, 0)
-        return (h_new,), {"h": h_new}
-    if cell == "lstm":
-        z = a + u
-        i = _sigmoid(z[:, 0:H])
-        f = _sigmoid(z[:, H : 2 * H])
-        g = np.tanh(z[:, 2 * H : 3 * H])
-        o = _sigmoid(z[:, 3 * H : 4 * H])
-        c_new = f * state[1] + i * g
-        tanh_c = np.tanh(c_new)
-        h_new = o * tanh_c
-        return (h_new, c_new), {"i": i, "f": f, "g": g, "o": o, "tanh_c": tanh_c}
-    if cell == "gru":
-        r = _sigmoid(a[:, 0:H] + u[:, 0:H])
-        z = _sigmoid(a[:, H : 2 * H] + u[:, H : 2 * H])
-        u_n = u[:, 2 * H : 3 * H]
-        n = np.tanh(a[:, 2 * H : 3 * H] + r * u_n)
-        h_new = (1 - z) * n + z * h
-        return (h_new,), {"r": r, "z": z, "n": n, "u_n": u_n}
-    raise ValueError(f"unknown cell {cell!r}")
+    d = _cell(cell)
+    return d.forward(a, state[0] @ w_hh.T + b_hh, state)
 
 
 def cell_backward(cell: str, cache: dict, state: tuple, d_state: tuple):
@@ -121,32 +255,7 @@ def cell_backward(cell: str, cache: dict, state: tuple, d_state: tuple):
     and d_direct the part of the gradient w.r.t. the entering state that does
     not pass through ``W_hh`` (the caller adds ``dU @ W_hh`` to its ``h`` part).
     """
-    dh = d_state[0]
-    if cell == "rnn_tanh":
-        dA = dh * (1 - cache["h"] ** 2)
-        return dA, dA, (np.zeros_like(dh),)
-    if cell == "rnn_relu":
-        dA = dh * (cache["h"] > 0)
-        return dA, dA, (np.zeros_like(dh),)
-    if cell == "lstm":
-        i, f, g, o, tanh_c = cache["i"], cache["f"], cache["g"], cache["o"], cache["tanh_c"]
-        dc = d_state[1] + dh * o * (1 - tanh_c**2)
-        d_i = dc * g * i * (1 - i)
-        d_f = dc * state[1] * f * (1 - f)
-        d_g = dc * i * (1 - g**2)
-        d_o = dh * tanh_c * o * (1 - o)
-        dA = np.concatenate([d_i, d_f, d_g, d_o], axis=1)
-        return dA, dA, (np.zeros_like(dh), dc * f)
-    if cell == "gru":
-        r, z, n, u_n = cache["r"], cache["z"], cache["n"], cache["u_n"]
-        h = state[0]
-        d_n = dh * (1 - z) * (1 - n**2)  # w.r.t. the pre-activation of n
-        d_z = dh * (h - n) * z * (1 - z)
-        d_r = d_n * u_n * r * (1 - r)
-        dA = np.concatenate([d_r, d_z, d_n], axis=1)
-        dU = np.concatenate([d_r, d_z, d_n * r], axis=1)
-        return dA, dU, (dh * z,)
-    raise ValueError(f"unknown cell {cell!r}")
+    return _cell(cell).backward(cache, state, d_state)
 
 
 # ----------------------------------------------------------------------------
@@ -182,15 +291,19 @@ class Step:
 class Engine:
     """NumPy TBPTT(k1, k2) engine; see the module docstring for the interface."""
 
-    def __init__(self, config: dict, params: list[np.ndarray]):
-        self.cfg = dict(config)
-        self.cell = config["cell"]
-        self.L = int(config["num_layers"])
-        self.k1 = int(config["k1"])
-        self.k2 = None if int(config["k2"]) == 0 else int(config["k2"])
-        self.loss_fn = LOSSES[config["loss"]]
-        self.recompute = config["overlap"] == "recompute"
-        self.dtype = np.dtype(config["dtype"])
+    def __init__(self, config: EngineConfig | Mapping, params: list[np.ndarray]):
+        cfg = config if isinstance(config, EngineConfig) else EngineConfig.from_dict(config)
+        self.cfg = cfg
+        self.cell_def = _cell(cfg.cell)
+        self.L = cfg.num_layers
+        self.H = cfg.hidden_size
+        self.k1 = cfg.k1
+        self.k2 = None if cfg.unbounded else cfg.k2
+        self.loss_fn = LOSSES[cfg.loss]
+        self.recompute = cfg.overlap == "recompute"
+        self.dtype = np.dtype(cfg.dtype)
+        self.step_fn = sgd_step if cfg.optimizer == "sgd" else adam_step
+        self.opt_cfg = cfg.as_dict()  # the optimizer steps read their keys from it
         self.params = params
         self.opt_state: dict = {}
         self.reset(None)
@@ -211,7 +324,7 @@ class Engine:
         self.t = 0  # steps since the reset
         self.t_prev = 0  # step of the previous update
         self.history: list[Step] = []
-        n = 2 if self.cell == "lstm" else 1
+        n = self.cell_def.states
         if initial_state is None:
             self.init = None
         else:
@@ -224,9 +337,10 @@ class Engine:
     def _initial(self, B: int) -> list[tuple]:
         if self.init is not None:
             return self.init
-        n = 2 if self.cell == "lstm" else 1
-        H = self.cfg["hidden_size"]
-        return [tuple(np.zeros((B, H), self.dtype) for _ in range(n)) for _ in range(self.L)]
+        return [
+            tuple(np.zeros((B, self.H), self.dtype) for _ in range(self.cell_def.states))
+            for _ in range(self.L)
+        ]
 
     def state(self) -> list[np.ndarray] | None:
         """Copies of the forward state, flat layer-major, or None before any step."""
@@ -256,7 +370,8 @@ class Engine:
                 np.where(reset[:, None], init_a, a)
                 for a, init_a in zip(state_before[k], initial[k], strict=True)
             )
-            out, cache = cell_forward(self.cell, inp @ w_ih.T + b_ih, state_in, w_hh, b_hh)
+            u = state_in[0] @ w_hh.T + b_hh
+            out, cache = self.cell_def.forward(inp @ w_ih.T + b_ih, u, state_in)
             layers.append(LayerStep(inp, state_in, cache))
             new_state.append(out)
             inp = out[0]
@@ -346,7 +461,7 @@ class Engine:
                 if d_state is None:
                     d_state = tuple(np.zeros_like(a) for a in lay.state_in)
                 d_out = (d_state[0] + dh, *d_state[1:])
-                dA, dU, d_direct = cell_backward(self.cell, lay.cache, lay.state_in, d_out)
+                dA, dU, d_direct = self.cell_def.backward(lay.cache, lay.state_in, d_out)
                 g_wih += dA.T @ lay.inp
                 g_bih += dA.sum(axis=0)
                 g_whh += dU.T @ lay.state_in[0]
@@ -363,15 +478,15 @@ class Engine:
         t = self.t
         loss, grads = self._gradient()
         self.t_prev = t  # the block is consumed, whatever happens below
+        kept = "; parameters and optimizer state are as before that update"
         if not np.isfinite(loss):
-            raise RuntimeError(f"non-finite loss in the update at step {t}")
+            raise NonFiniteError(f"non-finite loss in the update at step {t}{kept}")
         if not all(np.all(np.isfinite(g)) for g in grads):
-            raise RuntimeError(f"non-finite gradient in the update at step {t}")
+            raise NonFiniteError(f"non-finite gradient in the update at step {t}{kept}")
         reported = [g.copy() for g in grads] if return_grads else None
-        if self.cfg["clip"] > 0:
-            clip_grad_norm(grads, self.cfg["clip"])
-        step = sgd_step if self.cfg["optimizer"] == "sgd" else adam_step
-        step(self.params, grads, self.opt_state, self.cfg)
+        if self.cfg.clip > 0:
+            clip_grad_norm(grads, self.cfg.clip)
+        self.step_fn(self.params, grads, self.opt_state, self.opt_cfg)
         self._trim()
         return loss, t, reported
 

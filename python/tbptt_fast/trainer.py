@@ -8,23 +8,17 @@ import numpy as np
 
 from . import _validation as V
 from ._backend import BACKENDS, make_engine
+from ._config import EngineConfig
 from ._device import cuda_array, is_torch
+from .errors import NonFiniteError
 from .model import Model
 from .optim import SGD, Adam
-from .reference import param_names
+from .reference import param_names, state_count
 
 __all__ = ["FitResult", "NonFiniteError", "Trainer"]
 
 LOSSES = ("mse", "cross_entropy")
 OVERLAPS = ("stored", "recompute")
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN/Inf during training.
-
-    The message names the step of the failed update; the parameters and the
-    optimizer state are as they were before that update.
-    """
 
 
 @dataclass
@@ -128,25 +122,12 @@ class Trainer:
             clip_grad_norm = float(clip_grad_norm)
         self.clip_grad_norm = clip_grad_norm
         self.model = model
-        config = {
-            "cell": model.cell,
-            "input_size": model.input_size,
-            "hidden_size": model.hidden_size,
-            "output_size": model.output_size,
-            "num_layers": model.num_layers,
-            "dtype": model.dtype,
-            "k1": self.k1,
-            "k2": 0 if self.k2 is None else self.k2,
-            "loss": self.loss,
-            "overlap": self.overlap,
-            "clip": -1.0 if clip_grad_norm is None else clip_grad_norm,
-            "capacity": 0,
-            **optimizer.config(),
-        }
+        self._engine_config = EngineConfig.from_trainer_parts(
+            model, self.k1, self.k2, self.loss, self.overlap, clip_grad_norm, optimizer
+        )
         self._checked_version = None
         self._check_params()
-        self._config = config
-        self._engine = make_engine(self.backend, config, model.param_list())
+        self._engine = make_engine(self.backend, self._engine_config, model.param_list())
         self._batch = None  # batch size of the stream, once known
         self._last_batch = None  # the last batch size seen, kept across resets
         model._trainers.add(self)
@@ -228,15 +209,14 @@ class Trainer:
                 "call reset_state() (or pass initial_state) before changing the batch size"
             )
 
+    @property
+    def _config(self) -> dict:
+        """The engine configuration in the native engines' dict form (a fresh copy)."""
+        return self._engine_config.as_dict()
+
     def _run(self, fn, *args):
-        try:
-            return fn(*args)
-        except RuntimeError as e:
-            if str(e).startswith("non-finite"):
-                raise NonFiniteError(
-                    f"{e}; parameters and optimizer state are as before that update"
-                ) from None
-            raise
+        # every engine raises NonFiniteError (a RuntimeError) with the complete message
+        return fn(*args)
 
     # -- public API ---------------------------------------------------------------
     def fit(
@@ -332,17 +312,17 @@ class Trainer:
     @property
     def state(self):
         """The forward state: a list with one entry per layer, ``h`` [B, H] or
-        ``(h, c)`` for lstm (copies). After ``reset_state()`` without an initial
-        state it is zeros of the last batch size seen; None before any batch
-        size is known (a new trainer that has not stepped)."""
+        ``(h, c)`` for lstm and cifg (copies). After ``reset_state()`` without
+        an initial state it is zeros of the last batch size seen; None before
+        any batch size is known (a new trainer that has not stepped)."""
+        n = state_count(self.model.cell)
         flat = self._engine.state()
         if flat is None:
             if self._last_batch is None:
                 return None
             shape = (self._last_batch, self.model.hidden_size)
-            n = 2 * self.model.num_layers if self.model.cell == "lstm" else self.model.num_layers
-            flat = [np.zeros(shape, self.model.dtype) for _ in range(n)]
-        if self.model.cell == "lstm":
+            flat = [np.zeros(shape, self.model.dtype) for _ in range(n * self.model.num_layers)]
+        if n == 2:
             return [(flat[2 * k], flat[2 * k + 1]) for k in range(self.model.num_layers)]
         return list(flat)
 

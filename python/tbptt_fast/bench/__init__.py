@@ -5,7 +5,8 @@
 The peers ship inside the package so the command works on a fresh install.
 """
 
-from .harness import Config, run
+from .configs import Config
+from .harness import run
 
 __all__ = ["Config", "main", "run"]
 

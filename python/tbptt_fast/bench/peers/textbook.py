@@ -2,12 +2,13 @@
 
 One Python-level step at a time: the forward pass appends each step's activations to a
 history list; every ``k1`` steps the gradient of the block's loss is backpropagated over
-the last ``k2`` stored steps (SPEC section 3, ``overlap="stored"``: cached activations of
-the real forward pass, current weights in every product), then one plain SGD step.
-Readable on purpose, not tuned: this is what the benchmarks compare against.
+the last ``k2`` stored steps (the window of ``tbptt_fast.reference.window_start``;
+``overlap="stored"``: cached activations of the real forward pass, current weights in
+every product), then one plain SGD step. Readable on purpose, not tuned: this is what the
+benchmarks compare against.
 
 Shapes: x ``[T, B, D]``, target ``[T, B, O]``, hidden ``[B, H]``; parameters use the
-PyTorch names and layout of SPEC section 1. Loss: mse only.
+PyTorch names and layout (``tbptt_fast.reference.param_names``). Loss: mse only.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class TextbookTBPTT:
         Returns (loss, grads) with grads ``{name: array}`` before the step.
         """
         t, t_prev, k1, k2 = self.t, self.t_prev, self.k1, self.k2
-        w = max(0, t - k2, t_prev - max(0, k2 - k1))  # SPEC section 3
+        w = max(0, t - k2, t_prev - max(0, k2 - k1))  # tbptt_fast.reference.window_start
         block = range(t_prev + 1, t + 1)
         first = t - len(self.history) + 1  # step number of history[0]
         grads = {k: np.zeros_like(v) for k, v in self.p.items()}

@@ -8,11 +8,12 @@
   correctly. The real forward runs without a graph and keeps the detached state at every
   step that will open a future window; every k1 steps the forward is re-run with grad from
   the state at ``t - k2`` over the stored inputs, the loss is the mean over the block's last
-  k1 outputs (SPEC ``Loss_P``), then backward and one SGD step. This is tbptt_fast's
-  ``overlap="recompute"``.
+  k1 outputs (``Loss_P``, as in ``tbptt_fast.reference``), then backward and one SGD step.
+  This is tbptt_fast's ``overlap="recompute"``.
 
-Parameters load from a ``tb.Model.state_dict()`` (PyTorch names, SPEC section 1). torch is
-imported lazily (``import_torch``), so this module imports without it.
+Parameters load from a ``tb.Model.state_dict()`` (PyTorch names,
+``tbptt_fast.reference.param_names``). torch is imported lazily (``import_torch``), so this
+module imports without it.
 
 Shapes: x ``[T, B, D]`` and target ``[T, B, O]`` NumPy arrays (time first).
 """
@@ -100,7 +101,7 @@ class _TorchPeer:
         return state.detach()
 
     def _grads(self):
-        """Current .grad of every parameter as {SPEC name: numpy array}."""
+        """Current .grad of every parameter as {PyTorch name: numpy array}."""
         out = {}
         if hasattr(self, "cells"):
             for i, c in enumerate(self.cells):

@@ -1,0 +1,110 @@
+"""What a benchmark row is: ``Config``, its work in FLOPs, the presets and matrices.
+
+The work definition (throughput, FLOPs per timestep, fraction of peak) is stated in
+``tbptt_fast.bench.harness``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..reference import GATES
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One benchmark configuration; the input size D equals the hidden size H."""
+
+    cell: str
+    hidden: int
+    batch: int
+    k1: int
+    k2: int
+    threads: int = 1
+    dtype: str = "float32"
+    out: int = 16
+    layers: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.cell} H={self.hidden} B={self.batch} ({self.k1},{self.k2}) t={self.threads}"
+
+    def key(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flops_per_step(cfg: Config) -> float:
+    """FLOPs of one training timestep (all B elements), as defined in ``harness``."""
+    g, h, b = GATES[cfg.cell], cfg.hidden, cfg.batch
+    fwd = cfg.layers * 2.0 * b * (h + h) * g * h
+    readout = 2.0 * b * h * cfg.out
+    return fwd * (1.0 + 2.0 * cfg.k2 / cfg.k1) + 3.0 * readout
+
+
+def make_matrix(cells, hidden, batch, ks, threads, **kw) -> list[Config]:
+    """Cartesian product of the lists (ks: list of (k1, k2)); skips B/H duplicates."""
+    out = []
+    for t in threads:
+        for cell in cells:
+            for h in hidden:
+                for b in batch:
+                    for k1, k2 in ks:
+                        out.append(Config(cell, h, b, k1, k2, t, **kw))
+    return out
+
+
+PRESETS = {
+    # a few seconds: for the tests
+    "tiny": dict(
+        configs=[Config("lstm", 8, 2, 4, 4), Config("gru", 8, 2, 2, 4)],
+        repeats=1,
+        sample_s=0.02,
+        max_retries=0,
+    ),
+    # the default: under 2 minutes on a 2-core machine
+    "quick": dict(
+        configs=[
+            Config("lstm", 64, 8, 16, 16, 1),
+            Config("gru", 64, 8, 16, 16, 1),
+            Config("rnn_tanh", 64, 8, 16, 16, 1),
+            Config("lstm", 256, 32, 16, 16, 2),
+            Config("lstm", 256, 32, 16, 64, 2),
+        ],
+        repeats=3,
+        sample_s=0.25,
+        max_retries=2,
+    ),
+    # every configuration that a target names, for all three cells, 1 and 2 threads
+    "full": dict(
+        configs=[
+            Config(cell, h, b, k1, k2, t)
+            for t in (1, 2)
+            for cell in ("lstm", "gru", "rnn_tanh")
+            for (h, b, k1, k2) in [
+                (64, 8, 16, 16),
+                (64, 32, 16, 16),
+                (256, 32, 16, 16),
+                (256, 32, 16, 64),
+                (256, 32, 1, 16),
+                (1024, 32, 64, 64),
+            ]
+        ],
+        repeats=5,
+        sample_s=0.5,
+        max_retries=3,
+    ),
+}
+
+
+def parse_ks(text: str) -> list[tuple[int, int]]:
+    """``"16:16,16:64,1:16"`` -> ``[(16, 16), (16, 64), (1, 16)]``."""
+    out = []
+    for part in text.split(","):
+        k1, _, k2 = part.partition(":")
+        out.append((int(k1), int(k2 or k1)))
+    return out
+
+
+def parse_ints(text: str) -> list[int]:
+    """``"8,32"`` -> ``[8, 32]``."""
+    return [int(v) for v in text.split(",")]
