@@ -8,6 +8,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -48,6 +50,15 @@ T get_required(const py::dict& d, const char* key) {
   return d[key].cast<T>();
 }
 
+// "sgd", "adam", or "external" (the caller steps: the PyTorch bridge).
+tbptt::OptimizerKind optimizer_kind(const std::string& opt) {
+  TBPTT_CHECK_ARG(opt == "sgd" || opt == "adam" || opt == "external",
+                  "optimizer must be 'sgd', 'adam' or 'external', got '", opt, "'");
+  return opt == "sgd"    ? tbptt::OptimizerKind::kSgd
+         : opt == "adam" ? tbptt::OptimizerKind::kAdam
+                         : tbptt::OptimizerKind::kExternal;
+}
+
 tbptt::Config config_from_dict(const py::dict& d) {
   using namespace tbptt;
   Config c;
@@ -82,9 +93,7 @@ tbptt::Config config_from_dict(const py::dict& d) {
                   "overlap must be 'stored' or 'recompute', got '", overlap, "'");
   c.overlap = overlap == "stored" ? OverlapKind::kStored : OverlapKind::kRecompute;
   const auto opt = get_or<std::string>(d, "optimizer", "sgd");
-  TBPTT_CHECK_ARG(opt == "sgd" || opt == "adam", "optimizer must be 'sgd' or 'adam', got '", opt,
-                  "'");
-  c.optimizer = opt == "sgd" ? OptimizerKind::kSgd : OptimizerKind::kAdam;
+  c.optimizer = optimizer_kind(opt);
   c.lr = get_or<double>(d, "lr", c.lr);
   c.momentum = get_or<double>(d, "momentum", c.momentum);
   c.nesterov = get_or<bool>(d, "nesterov", c.nesterov);
@@ -95,6 +104,8 @@ tbptt::Config config_from_dict(const py::dict& d) {
   c.clip = d.contains("clip") && !d["clip"].is_none() ? d["clip"].cast<double>() : 0.0;
   c.capacity =
       d.contains("capacity") && !d["capacity"].is_none() ? d["capacity"].cast<int64_t>() : 0;
+  c.vocab_size =
+      d.contains("vocab_size") && !d["vocab_size"].is_none() ? d["vocab_size"].cast<int64_t>() : 0;
   c.validate();
   return c;
 }
@@ -179,6 +190,21 @@ struct HandleBase {
   std::unique_ptr<tbptt::EngineBase> engine;
   tbptt::Config cfg;
   py::list params;  // the caller's arrays: kept alive because the engine holds their pointers
+  std::atomic<bool> busy{false};
+
+  // Held for the whole of every call that uses the engine: a second thread
+  // (or a re-entrant call from a callback) gets a clear error, never a race.
+  struct Busy {
+    explicit Busy(HandleBase& h) : h_(h) {
+      TBPTT_CHECK_RT(!h_.busy.exchange(true),
+                     "this trainer is busy in another call (another thread, or a callback of "
+                     "its own fit): a trainer is not thread-safe, use one per thread");
+    }
+    ~Busy() { h_.busy.store(false); }
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+    HandleBase& h_;
+  };
 
   HandleBase(const py::dict& config, const py::list& plist, bool cuda) {
     cfg = config_from_dict(config);
@@ -209,6 +235,7 @@ struct HandleBase {
   }
 
   void reset(const py::object& initial_state) {
+    const Busy busy_guard(*this);
     if (initial_state.is_none()) {
       engine->reset(nullptr, 0);
       return;
@@ -265,9 +292,10 @@ struct HandleBase {
   }
 
   py::tuple run(const py::object& x_obj, const py::object& target_obj, const py::object& mask_obj,
-                const py::object& resets_obj, bool flush, bool return_grads, bool return_outputs) {
+                const py::object& resets_obj, bool flush, bool return_grads, bool return_outputs,
+                const py::object& on_update) {
     const auto dt = model_dtype(cfg);
-    py::array x = checked(x_obj, "x", dt, {-1, -1, cfg.input_size});
+    py::array x = checked_x(x_obj);
     const int64_t steps = x.shape(0), batch = x.shape(1);
     TBPTT_CHECK_ARG(steps >= 1 && batch >= 1, "x must have T >= 1 and B >= 1, got ", shape_str(x));
     py::array target, mask, resets;
@@ -293,11 +321,21 @@ struct HandleBase {
     in.resets = has_resets ? static_cast<const uint8_t*>(resets.data()) : nullptr;
     in.flush = flush;
     in.return_grads = return_grads;
-    return execute(in, return_outputs);
+    return execute(in, return_outputs, on_update);
   }
 
-  // engine->run(in) without the GIL, with a host [T, B, O] outputs array if asked.
-  py::tuple execute(tbptt::RunInputs& in, bool return_outputs) {
+  // x: [T, B, D] model dtype, or [T, B] int64 ids with an embedding.
+  py::array checked_x(const py::object& x_obj) const {
+    if (cfg.vocab_size > 0) return checked(x_obj, "x", py::dtype::of<int64_t>(), {-1, -1});
+    return checked(x_obj, "x", model_dtype(cfg), {-1, -1, cfg.input_size});
+  }
+
+  // engine->run(in) without the GIL, with a host [T, B, O] outputs array if
+  // asked. on_update (a Python callable or None) is called with the GIL after
+  // each update as on_update(index, step, loss); a False result stops the run
+  // after that update, an exception stops it and is raised here.
+  py::tuple execute(tbptt::RunInputs& in, bool return_outputs, const py::object& on_update) {
+    const Busy busy_guard(*this);
     py::object outputs = py::none();
     if (return_outputs) {
       py::array out(model_dtype(cfg),
@@ -305,18 +343,188 @@ struct HandleBase {
       in.outputs = out.mutable_data();
       outputs = out;
     }
+    // A Python exception (from on_update, or a signal such as Ctrl-C seen by
+    // poll) is kept here and raised once the engine has returned or stopped
+    // at a consistent point.
+    struct PythonError {};
+    std::unique_ptr<py::error_already_set> failure;
+    if (!on_update.is_none()) {
+      in.on_update = [&](int64_t index, int64_t step, double loss) {
+        py::gil_scoped_acquire gil;
+        try {
+          const py::object r = on_update(index, step, loss);
+          return !(r.is(py::bool_(false)));
+        } catch (py::error_already_set& e) {
+          failure = std::make_unique<py::error_already_set>(std::move(e));
+          return false;
+        }
+      };
+    }
+    auto last = std::chrono::steady_clock::now();
+    in.poll = [&]() {
+      const auto now = std::chrono::steady_clock::now();
+      if (now - last < std::chrono::milliseconds(50)) return;
+      last = now;
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() != 0) {
+        failure = std::make_unique<py::error_already_set>();
+        throw PythonError{};
+      }
+    };
     tbptt::RunResult r;
-    {
+    try {
       py::gil_scoped_release nogil;
       r = engine->run(in);
+    } catch (const PythonError&) {
     }
+    if (failure) throw std::move(*failure);
     return pack(r, in.return_grads, outputs);
+  }
+
+  // Forward only: (outputs [T, B, O], final state as a flat list).
+  py::tuple forward(const py::object& x_obj, const py::object& resets_obj,
+                    const py::object& state_obj) {
+    const Busy busy_guard(*this);
+    const auto dt = model_dtype(cfg);
+    py::array x = checked_x(x_obj);
+    const int64_t steps = x.shape(0), batch = x.shape(1);
+    TBPTT_CHECK_ARG(steps >= 1 && batch >= 1, "x must have T >= 1 and B >= 1, got ", shape_str(x));
+    tbptt::ForwardInputs in;
+    in.steps = steps;
+    in.batch = batch;
+    in.x = x.data();
+    py::array resets;
+    if (!resets_obj.is_none()) {
+      resets = checked(resets_obj, "resets", py::dtype::of<uint8_t>(), {steps, batch});
+      in.resets = static_cast<const uint8_t*>(resets.data());
+    }
+    const int64_t ns = cfg.num_layers * cfg.state_per_layer();
+    std::vector<py::array> keep;
+    std::vector<const void*> sptrs;
+    if (!state_obj.is_none()) {
+      const auto items = state_obj.cast<py::list>();
+      TBPTT_CHECK_ARG(static_cast<int64_t>(py::len(items)) == ns, "state must hold ", ns,
+                      " arrays (flat layer-major), got ", py::len(items));
+      for (int64_t i = 0; i < ns; ++i) {
+        auto a =
+            checked(items[static_cast<size_t>(i)], "state entry", dt, {batch, cfg.hidden_size});
+        sptrs.push_back(a.data());
+        keep.push_back(a);
+      }
+      in.state = &sptrs;
+    }
+    py::array out(dt, std::vector<py::ssize_t>{steps, batch, cfg.output_size});
+    in.outputs = out.mutable_data();
+    py::list state_out;
+    for (int64_t i = 0; i < ns; ++i) {
+      py::array a(dt, std::vector<py::ssize_t>{batch, cfg.hidden_size});
+      in.state_out.push_back(a.mutable_data());
+      state_out.append(a);
+    }
+    {
+      py::gil_scoped_release nogil;
+      engine->forward(in);
+    }
+    return py::make_tuple(out, state_out);
+  }
+
+  void set_hyperparams(const py::dict& d, bool fresh_state) {
+    const Busy busy_guard(*this);
+    tbptt::Hyperparams hp;
+    const auto opt = get_or<std::string>(d, "optimizer", "sgd");
+    hp.optimizer = optimizer_kind(opt);
+    hp.lr = get_or<double>(d, "lr", hp.lr);
+    hp.momentum = get_or<double>(d, "momentum", hp.momentum);
+    hp.nesterov = get_or<bool>(d, "nesterov", hp.nesterov);
+    hp.beta1 = get_or<double>(d, "beta1", hp.beta1);
+    hp.beta2 = get_or<double>(d, "beta2", hp.beta2);
+    hp.eps = get_or<double>(d, "eps", hp.eps);
+    hp.weight_decay = get_or<double>(d, "weight_decay", hp.weight_decay);
+    engine->set_hyperparams(hp, fresh_state);
+    cfg = engine->config();
+  }
+
+  py::array host_to_numpy(const tbptt::HostArray& a) const {
+    const py::dtype dt = a.dtype == tbptt::HostArray::kInt64   ? py::dtype::of<int64_t>()
+                         : a.dtype == tbptt::HostArray::kUint8 ? py::dtype::of<uint8_t>()
+                                                               : model_dtype(cfg);
+    py::array out(dt, std::vector<py::ssize_t>(a.shape.begin(), a.shape.end()));
+    if (!a.bytes.empty()) std::memcpy(out.mutable_data(), a.bytes.data(), a.bytes.size());
+    return out;
+  }
+
+  // The engine's complete training state as a dict (see tbptt::EngineSnapshot).
+  py::dict snapshot() {
+    const Busy busy_guard(*this);
+    tbptt::EngineSnapshot s;
+    {
+      py::gil_scoped_release nogil;
+      s = engine->snapshot();
+    }
+    py::dict d, arrays;
+    d["step_count"] = s.step_count;
+    d["pending"] = s.pending;
+    d["last_update"] = s.last_update;
+    d["batch"] = s.batch;
+    d["history_steps"] = s.history_steps;
+    d["has_state"] = s.has_state;
+    d["has_init"] = s.has_init;
+    d["pending_loss"] = s.pending_loss;
+    d["pending_count"] = s.pending_count;
+    d["adam_step"] = s.adam_step;
+    for (const auto& [name, a] : s.arrays) arrays[py::str(name)] = host_to_numpy(a);
+    d["arrays"] = arrays;
+    return d;
+  }
+
+  void restore(const py::dict& d) {
+    const Busy busy_guard(*this);
+    tbptt::EngineSnapshot s;
+    const auto need = [&](const char* k) {
+      TBPTT_CHECK_ARG(d.contains(k), "checkpoint: missing field '", k, "'");
+      return d[k];
+    };
+    s.step_count = need("step_count").cast<int64_t>();
+    s.pending = need("pending").cast<int64_t>();
+    s.last_update = need("last_update").cast<int64_t>();
+    s.batch = need("batch").cast<int64_t>();
+    s.history_steps = need("history_steps").cast<int64_t>();
+    s.has_state = need("has_state").cast<bool>();
+    s.has_init = need("has_init").cast<bool>();
+    s.pending_loss = need("pending_loss").cast<double>();
+    s.pending_count = need("pending_count").cast<double>();
+    s.adam_step = need("adam_step").cast<int64_t>();
+    for (const auto& item : need("arrays").cast<py::dict>()) {
+      const auto name = item.first.cast<std::string>();
+      auto a = py::reinterpret_borrow<py::array>(item.second);
+      TBPTT_CHECK_ARG(py::isinstance<py::array>(item.second), "checkpoint: '", name,
+                      "' is not an array");
+      tbptt::HostArray h;
+      if (a.dtype().is(py::dtype::of<int64_t>())) {
+        h.dtype = tbptt::HostArray::kInt64;
+      } else if (a.dtype().is(py::dtype::of<uint8_t>())) {
+        h.dtype = tbptt::HostArray::kUint8;
+      } else {
+        TBPTT_CHECK_ARG(a.dtype().is(model_dtype(cfg)), "checkpoint: '", name, "' has dtype ",
+                        std::string(py::str(a.dtype())));
+      }
+      a = py::module_::import("numpy").attr("ascontiguousarray")(a).cast<py::array>();
+      h.shape.assign(a.shape(), a.shape() + a.ndim());
+      h.bytes.resize(static_cast<size_t>(a.nbytes()));
+      if (a.nbytes() > 0) std::memcpy(h.bytes.data(), a.data(), h.bytes.size());
+      s.arrays[name] = std::move(h);
+    }
+    py::gil_scoped_release nogil;
+    engine->restore(s);
   }
 
   // run() on device arrays (CUDA engine): specs as device_view().
   py::tuple run_device(const py::object& x_spec, const py::object& target_spec,
                        const py::object& mask_spec, const py::object& resets_spec, bool flush,
-                       bool return_grads, bool return_outputs) {
+                       bool return_grads, bool return_outputs, const py::object& on_update) {
+    TBPTT_CHECK_ARG(cfg.vocab_size == 0,
+                    "x: token ids on the cuda backend must be host arrays (CUDA arrays of ids "
+                    "are not supported yet)");
     tbptt::DeviceInputs dv;
     dv.x = device_view(x_spec);
     check_view(dv.x, {-1, -1, cfg.input_size}, Want::kFloat);
@@ -344,7 +552,7 @@ struct HandleBase {
     in.flush = flush;
     in.return_grads = return_grads;
     in.device = &dv;
-    return execute(in, return_outputs);
+    return execute(in, return_outputs, on_update);
   }
 
   // Value check of one device array (see tbptt::ScanRequest); kind is
@@ -380,6 +588,7 @@ struct HandleBase {
   }
 
   py::tuple flush(bool return_grads) {
+    const Busy busy_guard(*this);
     tbptt::RunResult r;
     {
       py::gil_scoped_release nogil;
@@ -389,6 +598,7 @@ struct HandleBase {
   }
 
   py::object state() {
+    const Busy busy_guard(*this);
     const int64_t b = engine->state_batch();
     if (b == 0) return py::none();
     const auto dt = model_dtype(cfg);
@@ -416,7 +626,35 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
       .def("reset", &H::reset, py::arg("initial_state") = py::none())
       .def("run", &H::run, py::arg("x"), py::arg("target"), py::arg("mask") = py::none(),
            py::arg("resets") = py::none(), py::arg("flush") = false,
-           py::arg("return_grads") = false, py::arg("return_outputs") = false)
+           py::arg("return_grads") = false, py::arg("return_outputs") = false,
+           py::arg("on_update") = py::none())
+      .def("forward", &H::forward, py::arg("x"), py::arg("resets") = py::none(),
+           py::arg("state") = py::none(),
+           "Forward only: (outputs [T, B, O], final state); the training state is untouched.")
+      .def("set_hyperparams", &H::set_hyperparams, py::arg("config"),
+           py::arg("fresh_state") = false,
+           "New optimizer hyperparameters from the next update on (state kept unless fresh).")
+      .def(
+          "grads",
+          [](py::object self) {
+            H& h = self.cast<H&>();
+            auto* g = static_cast<unsigned char*>(h.engine->grad_data());
+            TBPTT_CHECK_ARG(g != nullptr, "grads() views host memory: cpu engines only");
+            const auto off = h.cfg.param_offsets();
+            const size_t item = h.cfg.dtype_size();
+            py::list out;
+            for (int64_t i = 0; i < h.cfg.num_params(); ++i) {
+              const auto shape = h.cfg.param_shape(i);
+              out.append(py::array(
+                  model_dtype(h.cfg), std::vector<py::ssize_t>(shape.begin(), shape.end()),
+                  g + static_cast<size_t>(off[static_cast<size_t>(i)]) * item, self));
+            }
+            return out;
+          },
+          "Views (no copy) of the last update's gradient per parameter, canonical order; valid "
+          "inside on_update until the next update (cpu engines).")
+      .def("snapshot", &H::snapshot, "The complete training state (checkpoints).")
+      .def("restore", &H::restore, py::arg("snapshot"), "Restore a snapshot() (checkpoints).")
       .def("flush", &H::flush, py::arg("return_grads") = false)
       .def("state", &H::state)
       .def_property_readonly("step_count", [](const H& h) { return h.engine->step_count(); })
@@ -424,10 +662,12 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
       .def_property_readonly("stored_steps", [](const H& h) { return h.engine->stored_steps(); })
       .def("pull_params",
            [](H& h) {
+             const typename H::Busy busy_guard(h);
              py::gil_scoped_release nogil;
              h.engine->pull_params();
            })
       .def("push_params", [](H& h) {
+        const typename H::Busy busy_guard(h);
         py::gil_scoped_release nogil;
         h.engine->push_params();
       });
@@ -461,6 +701,8 @@ PYBIND11_MODULE(_core, m) {
       if (p) std::rethrow_exception(p);
     } catch (const tbptt::NonFiniteError& e) {
       PyErr_SetString(non_finite->ptr(), e.what());
+    } catch (const tbptt::MemoryLimitError& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
     }
   });
   m.def("cuda_available", []() {
@@ -498,7 +740,7 @@ PYBIND11_MODULE(_core, m) {
   bind_engine<Handle<1>>(m, "CudaEngine", "CUDA TBPTT(k1, k2) engine (tbptt/engine_api.h).")
       .def("run_device", &Handle<1>::run_device, py::arg("x"), py::arg("target"), py::arg("mask"),
            py::arg("resets"), py::arg("flush") = false, py::arg("return_grads") = false,
-           py::arg("return_outputs") = false)
+           py::arg("return_outputs") = false, py::arg("on_update") = py::none())
       .def(
           "graph_stats",
           [](const Handle<1>& h) {

@@ -9,6 +9,8 @@
 // arrays in place.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -95,7 +97,9 @@ class Device {
  public:
   template <typename U>
   using Buffer = std::vector<U>;
-  static constexpr bool kRowLoss = false;  // the loss is summed on the host as it is computed
+  static constexpr bool kRowLoss = false;    // the loss is summed on the host as computed
+  static constexpr bool kHostMemory = true;  // buffers are host memory
+  static constexpr const char* kName = "machine";
   struct Guard {};
 
   Device(const Config& cfg, const std::vector<void*>& params, const std::vector<int64_t>& offsets)
@@ -134,6 +138,23 @@ class Device {
   void fill(T* dst, int64_t n, T value) const {
     if (n > 0) std::fill_n(dst, n, value);
   }
+  template <typename U>
+  void copy_raw(U* dst, const U* src, size_t n) const {
+    if (n > 0) std::memcpy(dst, src, n * sizeof(U));
+  }
+  // Bytes of physical memory (0: unknown): larger rings are refused up front.
+  double memory_limit() const {
+    const long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && size > 0 ? static_cast<double>(pages) * static_cast<double>(size) : 0.0;
+  }
+  template <typename U>
+  void upload_raw(U* dst, const U* src, int64_t n) const {
+    copy_n(src, n, dst);
+  }
+  template <typename U>
+  void download_raw(U* dst, const U* src, int64_t n) const {
+    copy_n(src, n, dst);
+  }
   void ring_resized(int64_t, int64_t) {}
 
   // ---- run ----------------------------------------------------------------
@@ -152,6 +173,7 @@ class Device {
                   packed_available(batch, H_, GH_);
     use_whh_t_ = amortised && !use_packed_ &&
                  small_product_prefers_nn(batch, GH_, H_, std::is_same_v<T, float>);
+    packed_batch_ = batch;
     params_changed();
   }
 
@@ -164,7 +186,7 @@ class Device {
         packed_t_.resize(static_cast<size_t>(L_ * H_ * GH_));
         packed_.resize(static_cast<size_t>(L_ * H_ * GH_));
         for (int64_t l = 0; l < L_; ++l) {
-          const float* w = params_[static_cast<size_t>(4 * l + 1)];  // [GH, H]
+          const float* w = w_hh(l);  // [GH, H]
           pack_panels(H_, GH_, w, H_, true, packed_t_.data() + l * H_ * GH_);
           pack_panels(GH_, H_, w, H_, false, packed_.data() + l * H_ * GH_);
         }
@@ -179,7 +201,7 @@ class Device {
     }
     whh_t_.resize(static_cast<size_t>(L_ * H_ * GH_));
     for (int64_t l = 0; l < L_; ++l)  // W_hh [GH, H] -> [H, GH]
-      transpose(params_[static_cast<size_t>(4 * l + 1)], GH_, H_, whh_t_.data() + l * H_ * GH_);
+      transpose(w_hh(l), GH_, H_, whh_t_.data() + l * H_ * GH_);
   }
 
   template <typename Store>
@@ -187,13 +209,11 @@ class Device {
                    const RingIndex& ring, Store& st, int64_t batch) {
     Segment seg[2];
     const int ns = ring.segments(first, n, seg);
-    const int64_t D = cfg_.input_size;
-    const T* x = static_cast<const T*>(in.x);
     const T* mask = static_cast<const T*>(in.mask);
     for (int i = 0; i < ns; ++i) {
       const int64_t rows = seg[i].count * batch, r0 = seg[i].slot * batch,
                     src = (pos + seg[i].offset) * batch;
-      copy_n(x + src * D, rows * D, st.x.data() + r0 * D);
+      load_x(in.x, src, rows, st, r0);
       if (mask != nullptr) {
         copy_n(mask + src, rows, st.mask.data() + r0);
       } else {
@@ -208,6 +228,59 @@ class Device {
         copy_n(static_cast<const int64_t*>(in.target) + src, rows, st.label.data() + r0);
       } else {
         copy_n(static_cast<const T*>(in.target) + src * O_, rows * O_, st.target.data() + r0 * O_);
+      }
+    }
+  }
+
+  // Forward only: steps [pos, pos + n) of x (and resets) into slots [0, n).
+  template <typename Store>
+  void load_forward_inputs(const ForwardInputs& in, int64_t pos, int64_t n, Store& st,
+                           int64_t batch) {
+    const int64_t rows = n * batch, src = pos * batch;
+    load_x(in.x, src, rows, st, 0);
+    if (in.resets != nullptr) {
+      copy_n(in.resets + src, rows, st.resets.data());
+    } else {
+      std::fill_n(st.resets.data(), rows, uint8_t(0));
+    }
+  }
+
+  // With an embedding: x of steps [first, first + n) = embedding rows of their ids.
+  template <typename Store>
+  void embed_rows(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, Store& st) {
+    Segment seg[2];
+    const int ns = ring.segments(first, n, seg);
+    const int64_t D = cfg_.input_size;
+    const T* emb = params_[0];
+    for (int i = 0; i < ns; ++i) {
+      const int64_t r0 = seg[i].slot * batch;
+      for (int64_t r = r0; r < r0 + seg[i].count * batch; ++r)
+        copy_n(emb + st.ids[static_cast<size_t>(r)] * D, D, st.x.data() + r * D);
+    }
+  }
+  template <typename Store>
+  void copy_ids(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, const Store& from,
+                Store& to) {
+    Segment seg[2];
+    const int ns = ring.segments(first, n, seg);
+    for (int i = 0; i < ns; ++i) {
+      const int64_t r0 = seg[i].slot * batch;
+      copy_n(from.ids.data() + r0, seg[i].count * batch, to.ids.data() + r0);
+    }
+  }
+  // grad_emb[ids[r]] += dx[r] for the n * batch rows of steps [first, first + n)
+  // (ids in the ring, dx window-indexed), in row order: the same result for
+  // any thread count.
+  void scatter_add_rows(const RingIndex& ring, int64_t first, int64_t n, int64_t batch,
+                        const int64_t* ids, const T* dx, int64_t width, T* grad_emb) {
+    Segment seg[2];
+    const int ns = ring.segments(first, n, seg);
+    for (int i = 0; i < ns; ++i) {
+      const int64_t r0 = seg[i].slot * batch, w0 = seg[i].offset * batch;
+      for (int64_t r = 0; r < seg[i].count * batch; ++r) {
+        T* out = grad_emb + ids[r0 + r] * width;
+        const T* in = dx + (w0 + r) * width;
+        for (int64_t j = 0; j < width; ++j) out[j] += in[j];
       }
     }
   }
@@ -272,7 +345,7 @@ class Device {
   // 2.3 us instead of 10.9 us for the NT form); else NT against W_hh.
   void recurrent(int64_t l, int64_t batch, const T* h_in, T beta, T* out) {
     if constexpr (std::is_same_v<T, float>) {
-      if (!packed_t_.empty()) {
+      if (!packed_t_.empty() && batch == packed_batch_) {
         gemm_packed(batch, GH_, H_, h_in, H_, packed_t_.data() + l * H_ * GH_, beta, out, GH_);
         return;
       }
@@ -288,7 +361,7 @@ class Device {
   // out[B, H] = dG W_hh + beta * out (dG [B, G*H]).
   void recurrent_grad(int64_t l, int64_t batch, const T* dg, T beta, T* out) {
     if constexpr (std::is_same_v<T, float>) {
-      if (!packed_.empty()) {
+      if (!packed_.empty() && batch == packed_batch_) {
         gemm_packed(batch, H_, GH_, dg, GH_, packed_.data() + l * H_ * GH_, beta, out, H_);
         return;
       }
@@ -384,6 +457,18 @@ class Device {
     }
   }
 
+  template <typename Store>
+  std::pair<double, double> peek_block_loss(const RingIndex&, const Store&, int64_t, int64_t,
+                                            int64_t) const {
+    return {pend_loss_, pend_mask_};
+  }
+  template <typename Store>
+  void restore_block_loss(const RingIndex&, Store&, int64_t, int64_t, int64_t, double loss,
+                          double count) {
+    pend_loss_ = loss;
+    pend_mask_ = count;
+  }
+
   // The masked loss sum and the mask count of the block now ending; clears them.
   template <typename Store>
   std::pair<double, double> take_block_loss(const RingIndex&, const Store&, int64_t, int64_t,
@@ -456,7 +541,22 @@ class Device {
   }
 
  private:
-  const T* w_hh(int64_t l) const { return params_[static_cast<size_t>(4 * l + 1)]; }
+  const T* w_hh(int64_t l) const { return params_[static_cast<size_t>(cfg_.layer_param(l, 1))]; }
+
+  // x rows [r0, r0 + rows) of st from rows [src, src + rows) of the caller's
+  // x: copied, or with an embedding looked up from the ids.
+  template <typename Store>
+  void load_x(const void* x, int64_t src, int64_t rows, Store& st, int64_t r0) {
+    const int64_t D = cfg_.input_size;
+    if (cfg_.vocab_size > 0) {
+      const int64_t* ids = static_cast<const int64_t*>(x) + src;
+      copy_n(ids, rows, st.ids.data() + r0);
+      const T* emb = params_[0];
+      for (int64_t r = 0; r < rows; ++r) copy_n(emb + ids[r] * D, D, st.x.data() + (r0 + r) * D);
+      return;
+    }
+    copy_n(static_cast<const T*>(x) + src * D, rows * D, st.x.data() + r0 * D);
+  }
 
   // Contiguous [n*B, width] view of steps [first, first + n) of r: r itself
   // when it is a window or the run does not wrap, else a copy in `scratch`.
@@ -508,6 +608,7 @@ class Device {
   bool use_whh_t_ = false;                    // per run(): NN per-step products (see begin_run)
   std::vector<float> packed_t_, packed_;      // float: [L] W_hh^T, W_hh in panels (pack_panels)
   bool use_packed_ = false;                   // per run(): packed per-step products
+  int64_t packed_batch_ = 0;                  // the batch the product forms were chosen for
 };
 
 }  // namespace tbptt::cpu

@@ -18,6 +18,17 @@
 // cells one generic kernel (cell_kernels.cuh). A step sequence (a layer's
 // chunk forward or window backward) may be recorded and replayed as a CUDA
 // graph (graphs.h, TBPTT_CUDA_GRAPHS).
+//
+// Token inputs (Config::vocab_size > 0): embedding.weight is parameter 0 (the
+// others through Config::layer_param / readout_param); the host ids of a
+// chunk are copied into the store's ids and their rows gathered into its x
+// on the device; the embedding's gradient is a deterministic scatter-add of
+// the layer-0 input gradient (kernels.cuh).
+//
+// The forward-only store (Engine::forward) has no mask, targets or row_loss:
+// only load_forward_inputs, the products, fill_rows and the per-step members
+// touch it. Its step sequences are keyed by its own store and state buffers,
+// so they never meet a training sequence in the graph cache.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -50,7 +61,10 @@ class Device {
  public:
   template <typename U>
   using Buffer = DeviceBuffer<U>;
-  static constexpr bool kRowLoss = true;  // each row's loss is kept on the device, summed per block
+  // Each row's loss is kept on the device and summed per chunk.
+  static constexpr bool kRowLoss = true;
+  static constexpr bool kHostMemory = false;  // buffers are device memory
+  static constexpr const char* kName = "GPU";
   using Guard = DeviceGuard;
 
   // require_device() comes first (the member order says so): without a
@@ -71,6 +85,7 @@ class Device {
     partial_sumsq_.allocate(kReduceBlocks);
     partial_bad_.allocate(kReduceBlocks);
     words_.allocate(kWords);
+    fill_any(words_.data(), kWords, 0.0);  // kLoss: no pending block loss
     graphs_.set_mode(cfg_.unbounded() ? GraphCache::Mode::kOff : GraphCache::requested());
     push_params();
   }
@@ -123,6 +138,18 @@ class Device {
 #endif
     }
   }
+  template <typename U>
+  void copy_raw(U* dst, const U* src, size_t n) const {
+    if (n > 0)
+      TBPTT_CUDA_CHECK(
+          cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyDeviceToDevice, stream()));
+  }
+  // Bytes of device memory: larger rings are refused up front.
+  double memory_limit() const {
+    size_t free_bytes = 0, total = 0;
+    if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0.0;
+    return static_cast<double>(total);
+  }
   void copy(T* dst, const T* src, int64_t n) const {
     transfer(dst, src, n, cudaMemcpyDeviceToDevice);
   }
@@ -132,10 +159,15 @@ class Device {
   void download(T* dst, const T* src, int64_t n) const {
     transfer(dst, src, n, cudaMemcpyDeviceToHost);
   }
-  void fill(T* dst, int64_t n, T value) const {
-    if (n <= 0) return;
-    fill_kernel<T><<<grid_for(n), kThreads, 0, stream()>>>(n, value, dst);
-    TBPTT_CUDA_CHECK(cudaGetLastError());
+  void fill(T* dst, int64_t n, T value) const { fill_any(dst, n, value); }
+  // Typed host <-> device copies of any element type (ids, flags, labels).
+  template <typename U>
+  void upload_raw(U* dst, const U* src, int64_t n) const {
+    transfer_any(dst, src, n, cudaMemcpyHostToDevice);
+  }
+  template <typename U>
+  void download_raw(U* dst, const U* src, int64_t n) const {
+    transfer_any(dst, src, n, cudaMemcpyDeviceToHost);
   }
   // The ring now holds k steps of batch B: the all-ones vector of colsum
   // covers its k * B rows.
@@ -152,6 +184,8 @@ class Device {
   void check_inputs(const RunInputs& in) {
     mask_counts_.clear();
     if (in.device == nullptr) return;
+    // bindings.cpp refuses these first; token ids come as host arrays only
+    TBPTT_CHECK_ARG(cfg_.vocab_size == 0, "token inputs (an embedding) take host arrays of ids");
     const DeviceInputs& dv = *in.device;
     check_on_device(dv.x);
     check_on_device(dv.target);
@@ -175,6 +209,58 @@ class Device {
       load_device_inputs(*in.device, pos, seg, ns, st, batch);
     } else {
       load_host_inputs(in, pos, seg, ns, st, batch);
+    }
+  }
+
+  // Forward only: steps [pos, pos + n) of x (or the ids and their embedding
+  // rows) and resets into slots [0, n) of st (the forward-only store: no
+  // mask, targets or row_loss; nothing is counted).
+  template <typename Store>
+  void load_forward_inputs(const ForwardInputs& in, int64_t pos, int64_t n, Store& st,
+                           int64_t batch) {
+    const int64_t rows = n * batch, src = pos * batch;
+    load_x(in.x, src, rows, st, 0);
+    load_resets(in.resets, src, rows, st, 0);
+  }
+
+  // With an embedding: x of steps [first, first + n) = the embedding rows of
+  // their ids (st's own ids), one lookup kernel per ring segment.
+  template <typename Store>
+  void embed_rows(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, Store& st) {
+    Segment seg[2];
+    const int ns = ring.segments(first, n, seg);
+    for (int i = 0; i < ns; ++i) {
+      const int64_t r0 = seg[i].slot * batch;
+      embed(st.ids.data() + r0, seg[i].count * batch, st.x.data() + r0 * D_);
+    }
+  }
+  // The ids of steps [first, first + n) from one store into another (same slots).
+  template <typename Store>
+  void copy_ids(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, const Store& from,
+                Store& to) {
+    Segment seg[2];
+    const int ns = ring.segments(first, n, seg);
+    for (int i = 0; i < ns; ++i) {
+      const int64_t r0 = seg[i].slot * batch;
+      transfer_any(to.ids.data() + r0, from.ids.data() + r0, seg[i].count * batch,
+                   cudaMemcpyDeviceToDevice);
+    }
+  }
+  // grad_emb[ids[r]] += dx[r] for the n * batch rows of steps [first, first + n)
+  // (ids in the ring, dx window-indexed: row block j holds step first + j),
+  // in row order: one kernel per ring segment, the segments in step order,
+  // each summing its rows in order (kernels.cuh): deterministic, no atomics.
+  void scatter_add_rows(const RingIndex& ring, int64_t first, int64_t n, int64_t batch,
+                        const int64_t* ids, const T* dx, int64_t width, T* grad_emb) {
+    if (width <= 0) return;
+    Segment seg[2];
+    const int ns = ring.segments(first, n, seg);
+    const dim3 grid(static_cast<unsigned>(grid_for(width)), kScatterParts);
+    for (int i = 0; i < ns; ++i) {
+      scatter_add_rows_kernel<T>
+          <<<grid, kThreads, 0, stream()>>>(seg[i].count * batch, width, ids + seg[i].slot * batch,
+                                            dx + seg[i].offset * batch * width, grad_emb);
+      TBPTT_CUDA_CHECK(cudaGetLastError());
     }
   }
 
@@ -291,7 +377,8 @@ class Device {
   // place for steps [first, first + n), one loss kernel per ring segment;
   // copies y to `outputs` ([n, B, O] host) if given, through a device staging
   // buffer and one copy; with accumulate, writes each row's mask * l to
-  // in.row_loss (summed per block by take_block_loss). Mask, targets and
+  // in.row_loss and adds the chunk's sum of them (fixed order) to the pending
+  // block's running loss sum (the device word kLoss). Mask, targets and
   // labels come from `in`, the real store. (`in` is not const here, unlike
   // cpu/device.h, because row_loss is written.)
   template <typename Store>
@@ -324,27 +411,45 @@ class Device {
       loss_kernel<T><<<grid, kThreads, 0, stream()>>>(a);
       TBPTT_CUDA_CHECK(cudaGetLastError());
     }
+    if (accumulate && ns > 0) {
+      const Segment s1 = ns > 1 ? seg[1] : Segment{0, 0, 0};
+      add_sum_ranges_kernel<<<1, kThreads, 0, stream()>>>(in.row_loss.data(), seg[0].slot * batch,
+                                                          seg[0].count * batch, s1.slot * batch,
+                                                          s1.count * batch, words_.data() + kLoss);
+      TBPTT_CUDA_CHECK(cudaGetLastError());
+    }
     if (staging != nullptr) download(outputs, staging, n * batch * O_);
   }
 
-  // The masked loss sum of the block now ending (steps [first, first + n):
-  // its rows' row_loss summed on the device in a fixed order, one sync) and
-  // its mask count (counted on the host as the inputs came in); clears the count.
+  // The pending block's masked loss sum (the device word kLoss: each chunk's
+  // rows summed in a fixed order and added by loss_pass, so the running sum
+  // is taken chunk by chunk as on the CPU; one sync) and its mask count
+  // (counted on the host as the inputs came in). Clears nothing.
+  template <typename Store>
+  std::pair<double, double> peek_block_loss(const RingIndex&, const Store&, int64_t, int64_t,
+                                            int64_t) const {
+    return {read_words(kLoss, 1)[0], pend_mask_};
+  }
+  // A checkpoint's pending block: its loss sum and mask count become these
+  // (exactly: a resumed run adds its chunks to the same running sum).
+  template <typename Store>
+  void restore_block_loss(const RingIndex&, Store&, int64_t, int64_t, int64_t, double loss,
+                          double count) {
+    fill_any(words_.data() + kLoss, 1, loss);
+    pend_mask_ = count;
+  }
+  // The block now ending: peek_block_loss, then both cleared.
   template <typename Store>
   std::pair<double, double> take_block_loss(const RingIndex& ring, const Store& st, int64_t first,
                                             int64_t n, int64_t batch) {
-    Segment seg[2] = {{0, 0, 0}, {0, 0, 0}};
-    ring.segments(first, n, seg);
-    sum_ranges_kernel<<<1, kThreads, 0, stream()>>>(st.row_loss.data(), seg[0].slot * batch,
-                                                    seg[0].count * batch, seg[1].slot * batch,
-                                                    seg[1].count * batch, words_.data() + kLoss);
-    TBPTT_CUDA_CHECK(cudaGetLastError());
-    const double loss = read_words(kLoss, 1)[0];
-    const std::pair<double, double> r{loss, pend_mask_};
-    pend_mask_ = 0.0;
+    const std::pair<double, double> r = peek_block_loss(ring, st, first, n, batch);
+    clear_block_loss();
     return r;
   }
-  void clear_block_loss() { pend_mask_ = 0.0; }
+  void clear_block_loss() {
+    fill_any(words_.data() + kLoss, 1, 0.0);
+    pend_mask_ = 0.0;
+  }
 
   // ---- gradient and optimizer ----------------------------------------------
   struct GradStatus {
@@ -390,12 +495,15 @@ class Device {
 
  private:
   // Slots of words_ / words_host_.
-  static constexpr int kLoss = 0;   // the block's masked loss sum
+  static constexpr int kLoss = 0;   // the pending block's masked loss sum (running)
   static constexpr int kSumSq = 1;  // gradient sum of squares, then the non-finite flag
   static constexpr int kWords = 4;
+  // scatter_add_rows: grid rows the ids are spread over (id % kScatterParts).
+  static constexpr unsigned kScatterParts = 16;
 
   cudaStream_t stream() const { return stream_.get(); }
-  const T* w_hh(int64_t l) const { return param(4 * l + 1); }
+  const T* w_hh(int64_t l) const { return param(cfg_.layer_param(l, 1)); }
+  const T* embedding() const { return param(0); }  // [V, D], with an embedding only
 
   // Rows of segment s of r: ring rows at the segment's slot, window rows at
   // its offset (row block j of a window holds step first + j).
@@ -404,18 +512,24 @@ class Device {
   }
 
   void transfer(T* dst, const T* src, int64_t n, cudaMemcpyKind kind) const {
+    transfer_any(dst, src, n, kind);
+  }
+  // n elements of U, stream-ordered. A copy to pageable host memory returns
+  // once it is done; one from pageable host memory once the source is read.
+  template <typename U>
+  void transfer_any(U* dst, const U* src, int64_t n, cudaMemcpyKind kind) const {
     if (n <= 0) return;
-    TBPTT_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(T), kind, stream()));
+    TBPTT_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(U), kind, stream()));
   }
   template <typename U>
-  void upload_raw(U* dst, const U* src, int64_t n) const {
+  void fill_any(U* dst, int64_t n, U value) const {
     if (n <= 0) return;
-    TBPTT_CUDA_CHECK(cudaMemcpyAsync(dst, src, static_cast<size_t>(n) * sizeof(U),
-                                     cudaMemcpyHostToDevice, stream()));
+    fill_kernel<U><<<grid_for(n), kThreads, 0, stream()>>>(n, value, dst);
+    TBPTT_CUDA_CHECK(cudaGetLastError());
   }
 
   // words_[at, at + count) to the pinned host words; waits for the stream.
-  const double* read_words(int at, int count) {
+  const double* read_words(int at, int count) const {
     TBPTT_CUDA_CHECK(cudaMemcpyAsync(words_host_.data() + at, words_.data() + at,
                                      static_cast<size_t>(count) * sizeof(double),
                                      cudaMemcpyDeviceToHost, stream()));
@@ -429,12 +543,11 @@ class Device {
   template <typename Store>
   void load_host_inputs(const RunInputs& in, int64_t pos, const Segment* seg, int ns, Store& st,
                         int64_t batch) {
-    const T* x = static_cast<const T*>(in.x);
     const T* mask = static_cast<const T*>(in.mask);
     for (int i = 0; i < ns; ++i) {
       const int64_t rows = seg[i].count * batch, r0 = seg[i].slot * batch,
                     src = (pos + seg[i].offset) * batch;
-      upload(st.x.data() + r0 * D_, x + src * D_, rows * D_);
+      load_x(in.x, src, rows, st, r0);
       if (mask != nullptr) {
         upload(st.mask.data() + r0, mask + src, rows);
         for (int64_t r = 0; r < rows; ++r) pend_mask_ += mask[src + r] != T(0) ? 1.0 : 0.0;
@@ -442,18 +555,43 @@ class Device {
         fill(st.mask.data() + r0, rows, T(1));
         pend_mask_ += static_cast<double>(rows);
       }
-      if (in.resets != nullptr) {
-        upload_raw(st.resets.data() + r0, in.resets + src, rows);
-      } else {
-        TBPTT_CUDA_CHECK(
-            cudaMemsetAsync(st.resets.data() + r0, 0, static_cast<size_t>(rows), stream()));
-      }
+      load_resets(in.resets, src, rows, st, r0);
       if (cfg_.loss == LossKind::kCrossEntropy) {
         upload_raw(st.label.data() + r0, static_cast<const int64_t*>(in.target) + src, rows);
       } else {
         upload(st.target.data() + r0 * O_, static_cast<const T*>(in.target) + src * O_, rows * O_);
       }
     }
+  }
+
+  // Rows [r0, r0 + rows) of st.x from rows [src, src + rows) of the caller's
+  // host x: one copy, or with an embedding the ids copied into st.ids and
+  // their embedding rows looked up on the device (embed_rows_kernel).
+  template <typename Store>
+  void load_x(const void* x, int64_t src, int64_t rows, Store& st, int64_t r0) {
+    if (cfg_.vocab_size > 0) {
+      upload_raw(st.ids.data() + r0, static_cast<const int64_t*>(x) + src, rows);
+      embed(st.ids.data() + r0, rows, st.x.data() + r0 * D_);
+      return;
+    }
+    upload(st.x.data() + r0 * D_, static_cast<const T*>(x) + src * D_, rows * D_);
+  }
+  // Rows [r0, r0 + rows) of st.resets from the caller's host resets (nullptr: zeros).
+  template <typename Store>
+  void load_resets(const uint8_t* resets, int64_t src, int64_t rows, Store& st, int64_t r0) {
+    if (resets != nullptr) {
+      upload_raw(st.resets.data() + r0, resets + src, rows);
+    } else if (rows > 0) {
+      TBPTT_CUDA_CHECK(
+          cudaMemsetAsync(st.resets.data() + r0, 0, static_cast<size_t>(rows), stream()));
+    }
+  }
+  // x [rows, D] = the embedding rows of ids [rows] (device arrays).
+  void embed(const int64_t* ids, int64_t rows, T* x) {
+    if (rows <= 0 || D_ <= 0) return;
+    embed_rows_kernel<T>
+        <<<grid_for(rows * D_), kThreads, 0, stream()>>>(rows, D_, ids, embedding(), x);
+    TBPTT_CUDA_CHECK(cudaGetLastError());
   }
 
   // Device arrays read in place (inputs.cuh's gather_kernel): cast, strided
@@ -590,15 +728,17 @@ class Device {
 
   // ---- data -------------------------------------------------------------
   const int device_;  // first: require_device() before any other CUDA call
-  const Config cfg_;
+  // The engine's configuration, by reference: set_hyperparams changes its
+  // optimizer fields, which optimizer_step reads at every update.
+  const Config& cfg_;
   const int64_t H_, D_, O_, GH_;
   const std::vector<T*> host_params_;   // P borrowed host arrays (pull/push)
   const std::vector<int64_t> offsets_;  // [P + 1] Config::param_offsets() of the flat buffers
   Stream stream_;
   Blas blas_;                           // bound to stream_
-  HostStatus words_host_;               // [kWords] pinned: the per-update results read back
+  mutable HostStatus words_host_;       // [kWords] pinned: the per-update results read back
   DeviceBuffer<T> params_;              // flat [offsets_.back()], canonical order
-  DeviceBuffer<double> words_;          // [kWords]
+  mutable DeviceBuffer<double> words_;  // [kWords]
   DeviceBuffer<double> partial_sumsq_;  // [kReduceBlocks]
   DeviceBuffer<int> partial_bad_;       // [kReduceBlocks]
   DeviceBuffer<T> ones_;                // [K * B] all ones: colsum as gemv

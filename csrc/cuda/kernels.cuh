@@ -1,6 +1,7 @@
 // The CUDA policy's kernels that are not cells (cell_kernels.cuh has those):
-// fills, the state entering a step and the carry cut at a reset, the fused
-// readout loss + dLoss/dy, the deterministic reductions (block loss, gradient
+// fills, the embedding lookup and its gradient's scatter-add (token
+// inputs), the state entering a step and the carry cut at a reset, the fused
+// readout loss + dLoss/dy, the deterministic reductions (a chunk's loss, gradient
 // norm and non-finite flag) and the optimizer step. Twins of the loops in
 // cpu/device.h; the NumPy reference (python/tbptt_fast/reference.py,
 // losses.py, optim.py) is the yardstick. Launched by device_policy.cuh only.
@@ -39,6 +40,39 @@ template <typename T>
 __global__ void fill_rows_kernel(int64_t rows, int64_t width, const T* row, T* dst) {
   TBPTT_GRID_STRIDE(i, rows * width) {
     dst[i] = row[i % width];
+  }
+}
+
+// Token inputs: x[r, :] = emb[ids[r], :] for the rows r < rows of x
+// [rows, width] (emb [V, width]; ids in [0, V), checked by the bindings).
+template <typename T>
+__global__ void embed_rows_kernel(int64_t rows, int64_t width, const int64_t* __restrict__ ids,
+                                  const T* __restrict__ emb, T* __restrict__ x) {
+  TBPTT_GRID_STRIDE(i, rows * width) {
+    const int64_t r = i / width, j = i - r * width;
+    x[i] = emb[ids[r] * width + j];
+  }
+}
+
+// The embedding's gradient: grad_emb[ids[r], :] += dx[r, :] for r = 0, 1,
+// ..., rows - 1 IN THAT ORDER (dx [rows, width], grad_emb [V, width]), with
+// no atomics: element (id, j) is only ever touched by the thread of column j
+// in the grid row blockIdx.y == id % gridDim.y, which walks all rows in
+// order and adds the rows of its ids. So every element's sum is taken in row
+// order, whatever the grid: the result is deterministic (and the serial
+// loop's). The grid's y dimension only spreads the ids over more threads.
+template <typename T>
+__global__ void scatter_add_rows_kernel(int64_t rows, int64_t width,
+                                        const int64_t* __restrict__ ids, const T* __restrict__ dx,
+                                        T* __restrict__ grad_emb) {
+  const int64_t part = blockIdx.y, parts = gridDim.y;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < width;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t id = ids[r];  // the same for every thread of the block: uniform branch
+      if (id % parts != part) continue;
+      grad_emb[id * width + j] += dx[r * width + j];
+    }
   }
 }
 
@@ -141,10 +175,10 @@ __global__ void loss_kernel(LossArgs<T> a) {
   }
 }
 
-// One block of kThreads: out[0] = the sum of v over the (at most two) ranges
-// [r0, r0 + n0) and [r1, r1 + n1), in a fixed order (deterministic).
-__global__ void sum_ranges_kernel(const double* v, int64_t r0, int64_t n0, int64_t r1, int64_t n1,
-                                  double* out) {
+// One block of kThreads: out[0] += the sum of v over the (at most two)
+// ranges [r0, r0 + n0) and [r1, r1 + n1), in a fixed order (deterministic).
+__global__ void add_sum_ranges_kernel(const double* v, int64_t r0, int64_t n0, int64_t r1,
+                                      int64_t n1, double* out) {
   __shared__ double s_sum[kThreads / 32];
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < n0; i += blockDim.x) acc += v[r0 + i];
@@ -155,7 +189,7 @@ __global__ void sum_ranges_kernel(const double* v, int64_t r0, int64_t n0, int64
   if (threadIdx.x == 0) {
     double t = 0.0;
     for (int w = 0; w < kThreads / 32; ++w) t += s_sum[w];
-    out[0] = t;
+    out[0] += t;
   }
 }
 

@@ -24,6 +24,8 @@ int64_t Config::state_per_layer() const {
 }
 
 std::vector<int64_t> Config::param_shape(int64_t i) const {
+  if (embedded() && i == 0) return {vocab_size, input_size};
+  i -= embedded();
   const int64_t gh = gates() * hidden_size;
   if (i >= 4 * num_layers) {
     if (i == 4 * num_layers) return {output_size, hidden_size};
@@ -53,6 +55,8 @@ int64_t Config::param_size(int64_t i) const {
 }
 
 std::string Config::param_name(int64_t i) const {
+  if (embedded() && i == 0) return "embedding.weight";
+  i -= embedded();
   if (i == 4 * num_layers) return "readout.weight";
   if (i == 4 * num_layers + 1) return "readout.bias";
   static const char* kNames[4] = {"weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l"};
@@ -67,6 +71,7 @@ void Config::validate() const {
   TBPTT_CHECK_ARG(k1 >= 1, "k1 must be >= 1, got ", k1);
   TBPTT_CHECK_ARG(k2 >= 0, "k2 must be >= 1 (or 0 for unbounded), got ", k2);
   TBPTT_CHECK_ARG(capacity >= 0, "capacity must be >= 0, got ", capacity);
+  TBPTT_CHECK_ARG(vocab_size >= 0, "vocab_size must be >= 0 (0: no embedding), got ", vocab_size);
   if (capacity > 0 && !unbounded()) {
     const int64_t need = k1 > k2 ? k1 : k2;
     TBPTT_CHECK_ARG(capacity >= need, "capacity must be >= max(k1, k2) = ", need, ", got ",

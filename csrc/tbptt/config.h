@@ -28,7 +28,9 @@ enum class CellKind { TBPTT_CELLS(TBPTT_CELL_ENUM) };
 #undef TBPTT_CELL_ENUM
 enum class LossKind { kMse, kCrossEntropy };
 enum class OverlapKind { kStored, kRecompute };
-enum class OptimizerKind { kSgd, kAdam };
+// kExternal: the engine computes each update's gradient and leaves the step
+// to the caller (RunInputs::on_update reads grad_data(); the PyTorch bridge).
+enum class OptimizerKind { kSgd, kAdam, kExternal };
 enum class DType { kFloat32, kFloat64 };
 
 // Engine configuration; python/tbptt_fast/_config.py (EngineConfig) builds the
@@ -52,8 +54,9 @@ struct Config {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.0;
-  double clip = 0.0;     // <= 0: no clipping
-  int64_t capacity = 0;  // ring capacity override in steps; 0 = max(k1, k2)
+  double clip = 0.0;       // <= 0: no clipping
+  int64_t capacity = 0;    // ring capacity override in steps; 0 = max(k1, k2)
+  int64_t vocab_size = 0;  // V > 0: token inputs through embedding.weight [V, D]; 0: float inputs
 
   // The window rule: the gradient of the update at step t (previous update at
   // t_prev, 0 if none) flows back through steps (w, t]. The one place this
@@ -78,11 +81,16 @@ struct Config {
   }
   int64_t gates() const;  // G of the cell (registry)
   bool unbounded() const { return k2 == 0; }
-  // Number of parameter arrays, 4L + 2, in canonical order:
-  // for l in 0..L-1: weight_ih_l{l} [G*H, D_l], weight_hh_l{l} [G*H, H],
-  // bias_ih_l{l} [G*H], bias_hh_l{l} [G*H]; then readout.weight [O, H],
-  // readout.bias [O].
-  int64_t num_params() const { return 4 * num_layers + 2; }
+  // Number of parameter arrays, 4L + 2 (+ 1 with an embedding), in canonical
+  // order: embedding.weight [V, D] if vocab_size > 0; for l in 0..L-1:
+  // weight_ih_l{l} [G*H, D_l], weight_hh_l{l} [G*H, H], bias_ih_l{l} [G*H],
+  // bias_hh_l{l} [G*H]; then readout.weight [O, H], readout.bias [O].
+  int64_t num_params() const { return embedded() + 4 * num_layers + 2; }
+  int64_t embedded() const { return vocab_size > 0 ? 1 : 0; }
+  // Index of layer l's parameter k (0 w_ih, 1 w_hh, 2 b_ih, 3 b_hh), of the
+  // readout's k (0 weight, 1 bias).
+  int64_t layer_param(int64_t l, int64_t k) const { return embedded() + 4 * l + k; }
+  int64_t readout_param(int64_t k) const { return embedded() + 4 * num_layers + k; }
   std::vector<int64_t> param_shape(int64_t i) const;
   int64_t param_size(int64_t i) const;  // product of param_shape(i)
   // [P + 1] start of each parameter in one flat buffer of all of them, in

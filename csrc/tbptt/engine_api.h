@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -23,7 +25,7 @@ namespace tbptt {
 struct RunInputs {
   int64_t steps = 0;                // T >= 1
   int64_t batch = 0;                // B >= 1
-  const void* x = nullptr;          // [T, B, D] dtype
+  const void* x = nullptr;          // [T, B, D] dtype; with an embedding: [T, B] int64 ids
   const void* target = nullptr;     // mse: [T, B, O] dtype; cross_entropy: [T, B] int64
   const void* mask = nullptr;       // [T, B] dtype, values 0 or 1; nullptr = all ones
   const uint8_t* resets = nullptr;  // [T, B] 0/1; nullptr = no resets
@@ -33,12 +35,64 @@ struct RunInputs {
   // Set (CUDA engine only): the inputs are device arrays and x, target, mask
   // and resets above are unused. outputs stays a host array.
   const DeviceInputs* device = nullptr;
+  // Called after each update with (update index in this call, step t, loss);
+  // returning false stops the run right after that update (the stream is then
+  // positioned after step t; step_count() says how far it got). Called
+  // without any lock the engine needs; may be empty.
+  std::function<bool(int64_t, int64_t, double)> on_update;
+  // Called between chunks (at most Schedule::kMaxChunk steps apart), where the
+  // engine is consistent: completed updates kept, the stream positioned after
+  // the last completed chunk. May throw to stop the run there (interrupts).
+  std::function<void()> poll;
 };
 
-// Owning host array in the engine's dtype (bytes hold shape-product elements).
+// Forward only (predict / evaluate): no schedule, no history, no update; the
+// engine's training state (forward state, step count, pending block, ring)
+// is untouched. Pointers are borrowed for the call.
+struct ForwardInputs {
+  int64_t steps = 0;                // T >= 1
+  int64_t batch = 0;                // B >= 1
+  const void* x = nullptr;          // [T, B, D] dtype; with an embedding: [T, B] int64 ids
+  const uint8_t* resets = nullptr;  // [T, B] 0/1; nullptr = no resets
+  // nullptr: zeros; else L * state_per_layer() arrays [B, H] (flat layer-major),
+  // the state entering step 1 and what a reset restores.
+  const std::vector<const void*>* state = nullptr;
+  void* outputs = nullptr;       // [T, B, O] dtype, written
+  std::vector<void*> state_out;  // L * state_per_layer() arrays [B, H], written
+};
+
+// Owning host array (bytes hold shape-product elements of `dtype`).
 struct HostArray {
+  enum DTypeCode { kEngine = 0, kInt64 = 1, kUint8 = 2 };
   std::vector<int64_t> shape;
   std::vector<unsigned char> bytes;
+  int dtype = kEngine;
+};
+
+// Everything an engine needs to continue exactly (checkpoints), in a layout
+// that does not depend on the backend: scalars, and named host arrays:
+//   state_{i}, init_{i} [B, H] (i < L * S; present with has_state / has_init),
+//   opt_m, opt_v [sum of parameter sizes] (canonical order; when the optimizer keeps them),
+//   and the stored history of the last `history_steps` steps (oldest first):
+//   x [n, B, D] (and ids [n, B] int64 with an embedding), mask [n, B], resets [n, B] uint8,
+//   target [n, B, O] (mse) or label [n, B] int64 (cross_entropy), dy [n, B, O]
+//   (dLoss/dy of the step, unnormalised, as the forward left it),
+//   gates_{l} [n, B, G*H], h_in_{l} [n, B, H], c_in_{l} (cells with c),
+//   aux_{l} (cells with a cached value), h_out_{l} (G > 1).
+struct EngineSnapshot {
+  int64_t step_count = 0, pending = 0, last_update = 0, batch = 0, history_steps = 0;
+  bool has_state = false, has_init = false;
+  double pending_loss = 0.0, pending_count = 0.0;  // masked loss sum and mask count of the block
+  int64_t adam_step = 0;
+  std::map<std::string, HostArray> arrays;
+};
+
+// The optimizer's hyperparameters (Config's fields of the same names).
+struct Hyperparams {
+  OptimizerKind optimizer = OptimizerKind::kSgd;
+  double lr = 0.01, momentum = 0.0;
+  bool nesterov = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
 };
 
 // What run() / flush() return; U = number of updates performed.
@@ -71,6 +125,19 @@ class EngineBase {
   // and without touching parameters or optimizer state.
   virtual RunResult run(const RunInputs& in) = 0;
 
+  // Forward only; see ForwardInputs.
+  virtual void forward(const ForwardInputs& in) = 0;
+
+  // New optimizer hyperparameters from the next update on. The same kind keeps
+  // the optimizer's state (momentum buffers, Adam moments and step count);
+  // fresh_state = true (or another kind) starts it afresh.
+  virtual void set_hyperparams(const Hyperparams& hp, bool fresh_state) = 0;
+
+  // Checkpoints: the complete training state, and its restoration (throws
+  // std::invalid_argument naming what does not fit this engine's configuration).
+  virtual EngineSnapshot snapshot() const = 0;
+  virtual void restore(const EngineSnapshot& snap) = 0;
+
   // Update on the pending partial block; nothing pending -> empty result.
   virtual RunResult flush(bool return_grads) = 0;
 
@@ -80,6 +147,11 @@ class EngineBase {
   // Copies the forward state into L * state_per_layer() caller-owned
   // [state_batch(), H] buffers (same flat order as reset). Requires state_batch() > 0.
   virtual void state(const std::vector<void*>& out) const = 0;
+
+  // The flat gradient of the last update ([sum of parameter sizes], canonical
+  // order, Config::param_offsets()), valid until the next update starts;
+  // host engines only (nullptr elsewhere).
+  virtual void* grad_data() = 0;
 
   virtual int64_t step_count() const = 0;    // steps since the last trainer-level reset
   virtual int64_t pending() const = 0;       // steps since the previous update

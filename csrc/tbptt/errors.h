@@ -24,6 +24,13 @@ class NonFiniteError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Memory that cannot be had (tbptt_fast: MemoryError with this message);
+// raised before anything changed.
+class MemoryLimitError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace tbptt
 
 // TBPTT_CHECK_ARG(cond, msg parts...): throws std::invalid_argument.
