@@ -114,14 +114,20 @@ def test_ctrl_c_stops_a_native_fit_quickly_and_leaves_it_consistent():
         t = tb.Trainer(m, k1=8, backend="cpu")
         x = np.random.default_rng(0).standard_normal((2_000_000, 4, 16)).astype(np.float32)
         y = np.zeros((2_000_000, 4, 4), np.float32)
-        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
-        start = time.perf_counter()
+        sent = []
+        def interrupt():  # once the fit is inside the engine
+            while t._engine.step_count == 0:
+                time.sleep(0.001)
+            time.sleep(0.2)
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Thread(target=interrupt, daemon=True).start()
         try:
             t.fit(x, y)
             print("FINISHED")
         except KeyboardInterrupt:
             n = t._engine.step_count
-            print("INTERRUPTED", round(time.perf_counter() - start, 3), n, t._engine.pending)
+            print("INTERRUPTED", round(time.perf_counter() - sent[0], 3), n, t._engine.pending)
             # consistent: the stream continues from where it stopped
             r = t.fit(x[:16], y[:16], flush=False)
             print("NEXT", int(r.update_steps[0]), n)
@@ -132,7 +138,7 @@ def test_ctrl_c_stops_a_native_fit_quickly_and_leaves_it_consistent():
     ).stdout.split()
     assert out[0] == "INTERRUPTED", out
     elapsed, steps, pending = float(out[1]), int(out[2]), int(out[3])
-    assert elapsed < 0.5 + 1.0  # the signal was seen within ~100 ms of work, not at the end
+    assert elapsed < 1.0  # seen within ~100 ms of work, not at the end of the fit
     assert 0 < steps < 2_000_000 and pending == steps % 8
     assert out[4] == "NEXT"
     # the next updates are at the next multiples of k1 after the step reached

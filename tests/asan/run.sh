@@ -2,6 +2,7 @@
 # Run the test suite against an AddressSanitizer + UBSan build of tbptt_fast._core.
 #
 #   bash tests/asan/run.sh [pytest args...]
+#   bash tests/asan/run.sh --ci     # the bounded subset CI runs (every engine path)
 #
 # Builds csrc/ with TBPTT_SANITIZE=ON (which also fills fresh native buffers
 # with NaN, so a read of uninitialised memory fails a test) into build/asan,
@@ -26,4 +27,22 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
 export LSAN_OPTIONS=suppressions=$PWD/tests/asan/lsan.supp:print_suppressions=0
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONMALLOC=malloc PYTHONPATH="$PWD/$BUILD/pkg" TBPTT_REQUIRE_NATIVE=1
-exec "$PY" -m pytest -q -p no:cacheprovider -m "not torch and not gpu" -k "not bench" "$@" tests
+if [[ "${1:-}" == "--ci" ]]; then
+  shift
+  # Every engine path: all cells, both overlap rules, masks/resets, k2=None,
+  # ring wrap and growth, forward-only passes, token inputs, snapshots, the
+  # failure paths (non-finite, impossible sizes, interrupts, a busy engine).
+  set -- tests/test_native_build.py tests/test_hardening.py tests/test_invariants.py \
+    tests/test_gradients.py "$@"
+else
+  set -- tests "$@"
+fi
+# An editable install's import hook would shadow PYTHONPATH: drop it so the
+# sanitized copy in $BUILD/pkg is the one imported.
+exec "$PY" -c '
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "-m", "not torch and not gpu and not slow",
+                      "-k", "not bench", *sys.argv[1:]]))
+' "$@"
