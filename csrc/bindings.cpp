@@ -191,19 +191,30 @@ struct HandleBase {
   tbptt::Config cfg;
   py::list params;  // the caller's arrays: kept alive because the engine holds their pointers
   std::atomic<bool> busy{false};
+  // True while run()'s on_update callback runs (read and written with the GIL):
+  // the engine is then paused between two updates, and the calls that are
+  // safe there (between_updates below) may enter.
+  bool in_callback = false;
 
   // Held for the whole of every call that uses the engine: a second thread
   // (or a re-entrant call from a callback) gets a clear error, never a race.
+  // between_updates: also allowed from inside the engine's own on_update
+  // callback (optimizer values, parameter sync), which then holds nothing.
   struct Busy {
-    explicit Busy(HandleBase& h) : h_(h) {
+    explicit Busy(HandleBase& h, bool between_updates = false) : h_(h) {
+      if (between_updates && h_.in_callback) return;
       TBPTT_CHECK_RT(!h_.busy.exchange(true),
                      "this trainer is busy in another call (another thread, or a callback of "
                      "its own fit): a trainer is not thread-safe, use one per thread");
+      held_ = true;
     }
-    ~Busy() { h_.busy.store(false); }
+    ~Busy() {
+      if (held_) h_.busy.store(false);
+    }
     Busy(const Busy&) = delete;
     Busy& operator=(const Busy&) = delete;
     HandleBase& h_;
+    bool held_ = false;
   };
 
   HandleBase(const py::dict& config, const py::list& plist, bool cuda) {
@@ -351,6 +362,11 @@ struct HandleBase {
     if (!on_update.is_none()) {
       in.on_update = [&](int64_t index, int64_t step, double loss) {
         py::gil_scoped_acquire gil;
+        struct InCallback {
+          bool& flag;
+          explicit InCallback(bool& f) : flag(f) { flag = true; }
+          ~InCallback() { flag = false; }
+        } in_cb(in_callback);
         try {
           const py::object r = on_update(index, step, loss);
           return !(r.is(py::bool_(false)));
@@ -429,7 +445,7 @@ struct HandleBase {
   }
 
   void set_hyperparams(const py::dict& d, bool fresh_state) {
-    const Busy busy_guard(*this);
+    const Busy busy_guard(*this, true);
     tbptt::Hyperparams hp;
     const auto opt = get_or<std::string>(d, "optimizer", "sgd");
     hp.optimizer = optimizer_kind(opt);
@@ -662,12 +678,12 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
       .def_property_readonly("stored_steps", [](const H& h) { return h.engine->stored_steps(); })
       .def("pull_params",
            [](H& h) {
-             const typename H::Busy busy_guard(h);
+             const typename H::Busy busy_guard(h, true);
              py::gil_scoped_release nogil;
              h.engine->pull_params();
            })
       .def("push_params", [](H& h) {
-        const typename H::Busy busy_guard(h);
+        const typename H::Busy busy_guard(h, true);
         py::gil_scoped_release nogil;
         h.engine->push_params();
       });

@@ -82,7 +82,7 @@ class NumpyDeviceEngine:
 
     scan_device = staticmethod(numpy_scan)
 
-    def run_device(self, x, target, mask, resets, flush, grads, outputs):
+    def run_device(self, x, target, mask, resets, flush, grads, outputs, on_update=None):
         self.calls.append((x, target, mask, resets))
         dt = self._model.dtype
         xa = np.ascontiguousarray(from_spec(x), dtype=dt)
@@ -94,4 +94,5 @@ class NumpyDeviceEngine:
             ta = t.astype(np.int64) if read is None else np.where(read, t, 0).astype(np.int64)
         ma = None if read is None else read.astype(dt)
         ra = None if resets is None else (from_spec(resets) != 0).astype(np.uint8)
-        return self._engine.run(xa, np.ascontiguousarray(ta), ma, ra, flush, grads, outputs)
+        ta = np.ascontiguousarray(ta)
+        return self._engine.run(xa, ta, ma, ra, flush, grads, outputs, on_update)

@@ -1,9 +1,10 @@
 """An independent, literal transcription of SPEC.md used to derive expected values.
 
 Nothing here imports the package's numerics: the cells are written from SPEC
-section 1, the losses from section 2 and the window rule from section 3, in a
-form that also accepts complex numbers (for complex-step derivatives). The
-tests compare every backend against what these functions derive.
+section 1, the losses from section 2, the window rule from section 3 and the
+embedding of token models from section 9, in a form that also accepts complex
+numbers (for complex-step derivatives). The tests compare every backend
+against what these functions derive.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def window_w(t, t_prev, k1, k2):
     return max(0, t - k2, t_prev - max(0, k2 - k1))
 
 
+def is_ids(x) -> bool:
+    """SPEC section 9: a token model's x holds integer ids."""
+    return np.issubdtype(np.asarray(x).dtype, np.integer)
+
+
+def layer0_input(theta, x_s):
+    """Layer 0's input at one step: x_s [B, D], or the embedding rows of ids x_s [B]."""
+    return theta["embedding.weight"][x_s] if is_ids(x_s) else x_s
+
+
 def layer_params(theta, k):
     return (
         theta[f"weight_ih_l{k}"],
@@ -95,7 +106,7 @@ def forward(cell, theta, x, state, init, resets, L):
     out = []
     for s in range(x.shape[0]):
         state = with_resets(state, init, resets[s])
-        inp, new, inputs = x[s], [], []
+        inp, new, inputs = layer0_input(theta, x[s]), [], []
         for k in range(L):
             w_ih, w_hh, b_ih, b_hh = layer_params(theta, k)
             inputs.append(inp)
@@ -180,18 +191,30 @@ def block_loss(rec: Recording, theta, theta_now, t, t_prev, w, loss, rule):
 
     rule="exact": the forward over (w, t] is re-run with ``theta`` from the
     stored state entering step w+1 (the recompute rule; for k2 <= k1 also the
-    stored rule). rule="stored": each step is the first-order expansion of the
-    cell around its stored activations (computed with the weights of its time),
-    in which every product uses ``theta``: its gradient at the current weights
-    is, by construction, the stored rule of SPEC section 3. ``theta_now`` are
-    the parameters at the update (where the gradient is taken).
+    stored rule); a token model looks its ids up in ``theta``'s embedding.
+    rule="stored": each step is the first-order expansion of the cell around
+    its stored activations (computed with the weights of its time), in which
+    every product uses ``theta``: its gradient at the current weights is, by
+    construction, the stored rule of SPEC section 3. A token model's layer-0
+    input is then the stored one moved by the change of the embedding rows
+    from ``theta_now`` (so its gradient is the layer-0 input gradient,
+    summed into the rows used: SPEC section 9). ``theta_now`` are the
+    parameters at the update (where the gradient is taken).
     """
     h_top = {}
     state = rec.state_in[w + 1] if w + 1 <= t else None
     for s in range(w + 1, t + 1):
         if s > w + 1:
             state = with_resets(state, rec.init, rec.resets[s - 1].astype(bool))
-        inp, new = rec.x[s - 1], []
+        x_s = rec.x[s - 1]
+        if not is_ids(x_s):
+            inp = x_s
+        elif rule == "exact":
+            inp = layer0_input(theta, x_s)
+        else:
+            moved = layer0_input(theta, x_s) - layer0_input(theta_now, x_s)
+            inp = rec.inputs[s][0] + moved
+        new = []
         for k in range(rec.L):
             w_ih, w_hh, b_ih, b_hh = layer_params(theta, k)
             a = inp @ w_ih.T + b_ih

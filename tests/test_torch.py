@@ -165,3 +165,148 @@ def test_loads_a_torch_state_dict_and_initial_state(backend):
     for k in range(L):
         assert_close(tr.state[k][0], hT[k].numpy(), 1e-10, "h")
         assert_close(tr.state[k][1], cT[k].numpy(), 1e-10, "c")
+
+
+# -- token models (SPEC section 9): nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear ----------------
+def _torch_token_model(cell, V, D, H, O, L, sd):
+    emb = torch.nn.Embedding(V, D, dtype=torch.float64)
+    emb.load_state_dict({"weight": torch.from_numpy(sd["embedding.weight"])})
+    rnn, lin = _torch_model(
+        cell, D, H, O, L, {k: v for k, v in sd.items() if k != "embedding.weight"}
+    )
+    return emb, rnn, lin
+
+
+def _token_grads(emb, rnn, lin):
+    return {"embedding.weight": emb.weight.grad.numpy().copy(), **_grads(rnn, lin)}
+
+
+def _token_params(emb, rnn, lin):
+    return {"embedding.weight": emb.weight.detach().numpy().copy(), **_params(rnn, lin)}
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(4, 4), (4, 2)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_embedding_detach_loop(backend, cell, k1, k2):
+    """k2 <= k1: per block, the first k1 - k2 steps run without a graph through
+    the recurrent layers (their losses reach the readout only), the state is
+    detached, and the last k2 steps backpropagate into the embedding."""
+    T, B, V, D, H, O, L = 11, 3, 6, 2, 3, 4, 2
+    _, target, mask, _ = make_data(3, T, B, D, O, "cross_entropy", mask_p=0.2)
+    ids = np.random.default_rng(4).integers(0, V, size=(T, B))
+    model = tb.Model(cell, D, H, O, num_layers=L, dtype="float64", seed=2, vocab_size=V)
+    emb, rnn, lin = _torch_token_model(cell, V, D, H, O, L, model.state_dict())
+    params = [*emb.parameters(), *rnn.parameters(), *lin.parameters()]
+    opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
+    h, losses, grads = None, [], []
+    for lo in range(0, T, k1):
+        hi = min(T, lo + k1)
+        w = max(lo, hi - k2)
+        outs = []
+        if w > lo:
+            with torch.no_grad():
+                out, h = rnn(emb(torch.from_numpy(ids[lo:w])), h)
+            outs.append(out)
+        h = _detach(h) if h is not None else None
+        out, h = rnn(emb(torch.from_numpy(ids[w:hi])), h)
+        outs.append(out)
+        block = _block_loss(lin(torch.cat(outs)), target[lo:hi], mask[lo:hi], "cross_entropy")
+        opt.zero_grad()
+        block.backward()
+        losses.append(block.item())
+        grads.append(_token_grads(emb, rnn, lin))
+        opt.step()
+        h = _detach(h)
+    tr = tb.Trainer(
+        model,
+        k1=k1,
+        k2=k2,
+        loss="cross_entropy",
+        optimizer=tb.SGD(lr=0.2, momentum=0.9),
+        backend=backend,
+    )
+    res = tr.fit(ids, target, mask=mask, return_grads=True)
+    _compare(res, model, losses, grads, _token_params(emb, rnn, lin))
+
+
+@pytest.mark.parametrize(("k1", "k2"), [(2, 5), (1, 3)])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_embedding_recompute_loop(backend, cell, k1, k2):
+    """k2 > k1 with overlap="recompute": re-run the window from the stored
+    detached state, looking the ids up again with the current embedding."""
+    T, B, V, D, H, O, L = 10, 2, 5, 3, 3, 2, 2
+    _, target, mask, _ = make_data(5, T, B, D, O, "mse", mask_p=0.1)
+    ids = np.random.default_rng(6).integers(0, V, size=(T, B))
+    model = tb.Model(cell, D, H, O, num_layers=L, dtype="float64", seed=3, vocab_size=V)
+    emb, rnn, lin = _torch_token_model(cell, V, D, H, O, L, model.state_dict())
+    opt = torch.optim.Adam([*emb.parameters(), *rnn.parameters(), *lin.parameters()], lr=0.05)
+    zeros = torch.zeros(L, B, H, dtype=torch.float64)
+    states = {0: (zeros, zeros) if cell == "lstm" else zeros}
+    ys, losses, grads, t_prev = {}, [], [], 0
+    for t in range(1, T + 1):
+        with torch.no_grad():  # the real forward pass, at the weights of its time
+            out, states[t] = rnn(emb(torch.from_numpy(ids[t - 1 : t])), states[t - 1])
+            ys[t] = lin(out)[0]
+        if t - t_prev == k1 or t == T:
+            w = max(0, t - k2, t_prev - max(0, k2 - k1))
+            out, _ = rnn(emb(torch.from_numpy(ids[w:t])), states[w])
+            block = _block_loss(lin(out[t_prev - w :]), target[t_prev:t], mask[t_prev:t], "mse")
+            with torch.no_grad():
+                real = torch.stack([ys[s] for s in range(t_prev + 1, t + 1)])
+                losses.append(_block_loss(real, target[t_prev:t], mask[t_prev:t], "mse").item())
+            opt.zero_grad()
+            block.backward()
+            grads.append(_token_grads(emb, rnn, lin))
+            opt.step()
+            t_prev = t
+    tr = tb.Trainer(
+        model, k1=k1, k2=k2, optimizer=tb.Adam(lr=0.05), overlap="recompute", backend=backend
+    )
+    res = tr.fit(ids, target, mask=mask, return_grads=True)
+    _compare(res, model, losses, grads, _token_params(emb, rnn, lin))
+
+
+# -- the optimizer changed between calls (SPEC section 11) --------------------------------------
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_lr_change_equals_a_param_group_change(backend, kind):
+    """lr halved (and, for SGD, momentum changed) after two updates, as setting
+    the param_group's values in PyTorch: the optimizer state carries on."""
+    T, B, D, H, O, L, k = 12, 2, 2, 3, 2, 1, 3
+    x, target, _, _ = make_data(7, T, B, D, O, "mse")
+    model = tb.Model("lstm", D, H, O, num_layers=L, dtype="float64", seed=4)
+    rnn, lin = _torch_model("lstm", D, H, O, L, model.state_dict())
+    params = [*rnn.parameters(), *lin.parameters()]
+    if kind == "sgd":
+        opt = torch.optim.SGD(params, lr=0.2, momentum=0.9)
+        ours = tb.SGD(lr=0.2, momentum=0.9)
+    else:
+        opt = torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.99))
+        ours = tb.Adam(lr=0.05, betas=(0.8, 0.99))
+    h, losses = None, []
+    for u, lo in enumerate(range(0, T, k)):
+        if u == 2:
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+                if kind == "sgd":
+                    group["momentum"] = 0.5
+                else:
+                    group["betas"] = (0.7, 0.95)
+        out, h = rnn(torch.from_numpy(x[lo : lo + k]), h)
+        block = _block_loss(lin(out), target[lo : lo + k], np.ones((k, B), bool), "mse")
+        opt.zero_grad()
+        block.backward()
+        losses.append(block.item())
+        opt.step()
+        h = _detach(h)
+    tr = tb.Trainer(model, k1=k, optimizer=ours, backend=backend)
+    first = tr.fit(x[: 2 * k], target[: 2 * k])
+    tr.optimizer.lr = 0.5 * tr.optimizer.lr
+    if kind == "sgd":
+        tr.optimizer.momentum = 0.5
+    else:
+        tr.optimizer.betas = (0.7, 0.95)
+    second = tr.fit(x[2 * k :], target[2 * k :])
+    assert_close(np.concatenate([first.losses, second.losses]), losses, 1e-10, "losses")
+    got = model.state_dict()
+    for name, v in _params(rnn, lin).items():
+        assert_close(got[name], v, 1e-10, name)

@@ -7,9 +7,11 @@
 
 from ._backend import cuda_available, native_available
 from .errors import NonFiniteError
+from .generate import sample
+from .inference import EvalResult, PredictResult
 from .model import CELLS, Model
 from .optim import SGD, Adam
-from .trainer import FitResult, Trainer
+from .trainer import FitResult, Trainer, UpdateInfo
 
 __version__ = "0.1.0"
 
@@ -32,13 +34,17 @@ __all__ = [
     "CELLS",
     "SGD",
     "Adam",
+    "EvalResult",
     "FitResult",
     "Model",
     "NonFiniteError",
+    "PredictResult",
     "Trainer",
+    "UpdateInfo",
     "__version__",
     "cuda_available",
     "get_num_threads",
     "native_available",
+    "sample",
     "set_num_threads",
 ]

@@ -13,7 +13,19 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["EngineConfig"]
+__all__ = ["OPTIMIZER_KEYS", "EngineConfig"]
+
+#: The keys of ``SGD.config()`` / ``Adam.config()``: what ``set_hyperparams`` takes.
+OPTIMIZER_KEYS = (
+    "optimizer",
+    "lr",
+    "momentum",
+    "nesterov",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,8 @@ class EngineConfig:
     ``k2 = 0`` is unbounded; ``clip <= 0`` is no clipping; ``capacity`` overrides
     the ring size in steps (0 = max(k1, k2); the reference ignores it). The
     optimizer fields are those of ``SGD.config()`` / ``Adam.config()``.
+    ``vocab_size`` V > 0 puts an embedding ``[V, D]`` before layer 0: it is
+    then the first parameter, and ``x`` is int64 ids ``[T, B]``.
     """
 
     cell: str
@@ -46,6 +60,7 @@ class EngineConfig:
     beta2: float
     eps: float
     weight_decay: float
+    vocab_size: int = 0  # 0: no embedding, x is [T, B, D] floats
 
     @classmethod
     def from_trainer_parts(
@@ -70,13 +85,17 @@ class EngineConfig:
             clip=-1.0 if clip is None else float(clip),
             capacity=0,
             **optimizer.config(),
+            vocab_size=model.vocab_size or 0,
         )
 
     @classmethod
     def from_dict(cls, config: Mapping) -> EngineConfig:
-        """From the dict form (:meth:`as_dict`): every key, and no other."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in config]
+        """From the dict form (:meth:`as_dict`): every key without a default, and no other."""
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        missing = [
+            f.name for f in fields if f.name not in config and f.default is dataclasses.MISSING
+        ]
         unknown = [k for k in config if k not in names]
         if missing or unknown:
             raise ValueError(

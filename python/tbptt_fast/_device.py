@@ -66,6 +66,12 @@ class CudaArray:
         """The same memory as a [1, ...] array (one step of a stream)."""
         return CudaArray(self.ptr, (1, *self.shape), (0, *self.strides), self.dtype, self.owner)
 
+    def swap_time_batch(self) -> CudaArray:
+        """The same memory with the first two axes swapped ([B, T, ...] as [T, B, ...])."""
+        shape = (self.shape[1], self.shape[0], *self.shape[2:])
+        strides = (self.strides[1], self.strides[0], *self.strides[2:])
+        return CudaArray(self.ptr, shape, strides, self.dtype, self.owner)
+
     def spec(self, name: str) -> tuple:
         """What the native engine takes: (ptr, element code, shape, strides, name)."""
         return (self.ptr, ELEM_CODES[self.dtype], self.shape, self.strides, name)

@@ -24,6 +24,19 @@ def check_k(name: str, value, *, allow_none: bool = False) -> int | None:
     return int(value)
 
 
+def finite_params(model) -> None:
+    """Refuse a model with a NaN or Inf parameter, naming it."""
+    for name, p in zip(model.param_names(), model.param_list(), strict=True):
+        if not np.all(np.isfinite(p)):
+            raise ValueError(f"parameter {name} must be finite, found NaN or Inf")
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_choice(name: str, value, choices) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
@@ -43,18 +56,34 @@ def _check_shape(name: str, a: np.ndarray, expected: tuple, labels: tuple) -> No
         raise ValueError(f"{name} must have shape {_fmt(shown)}, got {_fmt(a.shape)}")
 
 
-def float_array(name, value, expected, labels, dtype, *, finite_where=None) -> np.ndarray:
-    """A floating array of the expected shape, cast to ``dtype``, C-contiguous.
+def _shifted(index, offset) -> list[int]:
+    """``index`` (a tuple of ints) plus ``offset`` on its leading axes, as a list."""
+    index = [int(i) for i in index]
+    for axis, o in enumerate(offset or ()):
+        index[axis] += int(o)
+    return index
 
-    ``finite_where`` (bool, broadcastable) restricts the NaN/Inf check to the
-    entries that will be read.
-    """
-    a = _to_numpy(value)
+
+def float_layout(name, a: np.ndarray, expected, labels) -> None:
+    """The type and shape checks of :func:`float_array` alone (nothing is read)."""
     if not np.issubdtype(a.dtype, np.floating):
         raise TypeError(f"{name} must be a floating-point array, got dtype {a.dtype}")
     _check_shape(name, a, expected, labels)
     if 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
+
+
+def float_array(
+    name, value, expected, labels, dtype, *, finite_where=None, offset=None
+) -> np.ndarray:
+    """A floating array of the expected shape, cast to ``dtype``, C-contiguous.
+
+    ``finite_where`` (bool, broadcastable) restricts the NaN/Inf check to the
+    entries that will be read. ``offset`` (ints, one per leading axis) is
+    added to the index a message reports, for a slice of a larger array.
+    """
+    a = _to_numpy(value)
+    float_layout(name, a, expected, labels)
     # in slices along the first axis, so a long sequence needs no full-size temporary
     step = max(1, (1 << 20) // max(1, a[0].size))
     for lo in range(0, a.shape[0], step):
@@ -64,8 +93,49 @@ def float_array(name, value, expected, labels, dtype, *, finite_where=None) -> n
         if not ok.all():
             bad = tuple(int(i) for i in np.argwhere(~ok)[0])
             bad = (bad[0] + lo, *bad[1:])
-            raise ValueError(f"{name} must be finite, found {a[bad]} at index {list(bad)}")
+            raise ValueError(
+                f"{name} must be finite, found {a[bad]} at index {_shifted(bad, offset)}"
+            )
     return np.ascontiguousarray(a, dtype=dtype)
+
+
+def integer_layout(name, a: np.ndarray, expected, labels, what: str) -> None:
+    """An integer (not bool) array of the expected shape; ``what`` ends the
+    dtype message (e.g. "of class indices for cross_entropy")."""
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer array {what}, got dtype {a.dtype}")
+    _check_shape(name, a, expected, labels)
+
+
+def token_ids(name, value, expected, labels, vocab_size: int, *, offset=None) -> np.ndarray:
+    """Integer token ids in [0, vocab_size) of the expected shape, as C-contiguous int64
+    (SPEC section 9: a non-integer array is a TypeError, an id out of range a ValueError)."""
+    a = _to_numpy(value)
+    integer_layout(name, a, expected, labels, f"of token ids in [0, {vocab_size})")
+    if 0 in a.shape:
+        raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
+    bad = (a < 0) | (a >= vocab_size)
+    if np.any(bad):
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name} must hold token ids in [0, {vocab_size}), "
+            f"got {a[idx]} at index {_shifted(idx, offset)}"
+        )
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def time_major(a: np.ndarray | None) -> np.ndarray | None:
+    """A batch-first [B, T, ...] array as a C-contiguous time-major [T, B, ...] one."""
+    return None if a is None else np.ascontiguousarray(np.swapaxes(a, 0, 1))
+
+
+def flag_layout(name, a: np.ndarray, shape, labels) -> None:
+    """The type and shape checks of :func:`flag_array` alone (nothing is read)."""
+    if not (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.number)):
+        raise TypeError(f"{name} must be a bool or numeric array, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be a bool or real numeric array, got dtype {a.dtype}")
+    _check_shape(name, a, shape, labels)
 
 
 def flag_array(name, value, shape, labels) -> np.ndarray | None:
@@ -73,26 +143,20 @@ def flag_array(name, value, shape, labels) -> np.ndarray | None:
     if value is None:
         return None
     a = _to_numpy(value)
-    if not (a.dtype == np.bool_ or np.issubdtype(a.dtype, np.number)):
-        raise TypeError(f"{name} must be a bool or numeric array, got dtype {a.dtype}")
-    if np.issubdtype(a.dtype, np.complexfloating):
-        raise TypeError(f"{name} must be a bool or real numeric array, got dtype {a.dtype}")
-    _check_shape(name, a, shape, labels)
+    flag_layout(name, a, shape, labels)
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must not contain NaN or Inf")
     return a != 0
 
 
-def class_target(name, value, shape, labels, num_classes, read) -> np.ndarray:
+CLASS_WHAT = "of class indices for cross_entropy"
+
+
+def class_target(name, value, shape, labels, num_classes, read, *, offset=None) -> np.ndarray:
     """Integer class indices in [0, O) where ``read`` (None: everywhere); returned as
-    int64, 0 where not read."""
+    int64, 0 where not read. ``offset`` as :func:`float_array`."""
     a = _to_numpy(value)
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(
-            f"{name} must be an integer array of class indices for cross_entropy, "
-            f"got dtype {a.dtype}"
-        )
-    _check_shape(name, a, shape, labels)
+    integer_layout(name, a, shape, labels, CLASS_WHAT)
     bad = (a < 0) | (a >= num_classes)
     if read is not None:
         bad &= read
@@ -100,23 +164,23 @@ def class_target(name, value, shape, labels, num_classes, read) -> np.ndarray:
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
             f"{name} must hold class indices in [0, {num_classes}) where mask is set, "
-            f"got {a[idx]} at index {list(idx)}"
+            f"got {a[idx]} at index {_shifted(idx, offset)}"
         )
     if read is not None:
         a = np.where(read, a, 0)
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
+def initial_state(value, model, batch: int | None, name: str = "initial_state") -> list:
     """Parse ``initial_state`` into the flat layer-major list the engines take.
 
     Accepts a list with one entry per layer (``h`` [B, H], or ``(h, c)`` for
     the cells with a cell state, lstm and cifg), or PyTorch's form: ``h0``
     [L, B, H], or ``(h0, c0)`` for those cells.
-    ``batch``, when given, is the batch size the state must have.
+    ``batch``, when given, is the batch size the state must have; ``name``
+    the argument's name in messages.
     """
     L, H, paired = model.num_layers, model.hidden_size, state_count(model.cell) == 2
-    name = "initial_state"
     torch_form = None
     if (
         paired
@@ -165,7 +229,17 @@ def initial_state(value, model, batch: int | None) -> list[np.ndarray]:
     return out
 
 
-def device_data(model, loss, names, values, views, *, step: bool, scan) -> tuple:
+def nested_state(flat: list[np.ndarray], model) -> list:
+    """The flat layer-major state list of the engines in the form of ``Trainer.state``:
+    one entry per layer, ``h`` [B, H] or ``(h, c)`` for lstm and cifg."""
+    if state_count(model.cell) == 2:
+        return [(flat[2 * k], flat[2 * k + 1]) for k in range(model.num_layers)]
+    return list(flat)
+
+
+def device_data(
+    model, loss, names, values, views, *, step: bool, scan, batch_first: bool = False
+) -> tuple:
     """Validate one call's CUDA arrays (see ``_device.py``) as the host path does.
 
     ``names``/``values``/``views``: x, target, mask, resets (views from
@@ -173,7 +247,9 @@ def device_data(model, loss, names, values, views, *, step: bool, scan) -> tuple
     dtypes are checked here; values on the device by ``scan`` (the CUDA
     engine's ``scan_device``), in the host path's order and with its messages.
     Returns the engine's ``run_device`` data arguments ``(x, target, mask,
-    resets)``, with a time axis added for ``step``.
+    resets)``, with a time axis added for ``step``; ``batch_first`` data
+    ([B, T, ...], checked and reported in that order) become time-major views
+    of the same memory.
     """
     x_name, t_name, m_name, r_name = names
     given = next(n for n, v in zip(names, views, strict=True) if v is not None)
@@ -185,7 +261,7 @@ def device_data(model, loss, names, values, views, *, step: bool, scan) -> tuple
                 f"any {m_name} / {r_name} as arrays on the same CUDA device"
             )
     x, t, m, r = views
-    lead = ("B",) if step else ("T", "B")
+    lead = ("B",) if step else (("B", "T") if batch_first else ("T", "B"))
     if x.dtype.kind != "f":
         raise TypeError(f"{x_name} must be a floating-point array, got dtype {x.dtype}")
     _check_shape(x_name, x, (*(None,) * len(lead), model.input_size), (*lead, "D"))
@@ -237,6 +313,10 @@ def device_data(model, loss, names, values, views, *, step: bool, scan) -> tuple
         x, t = x.with_time_axis(), t.with_time_axis()
         m = None if m is None else m.with_time_axis()
         r = None if r is None else r.with_time_axis()
+    elif batch_first:
+        x, t = x.swap_time_batch(), t.swap_time_batch()
+        m = None if m is None else m.swap_time_batch()
+        r = None if r is None else r.swap_time_batch()
     return (
         x.spec(x_name),
         t.spec(t_name),

@@ -51,6 +51,12 @@ class Model:
     ``readout.bias`` [O]. All are drawn uniform in [-1/sqrt(H), 1/sqrt(H)] from
     ``numpy.random.default_rng(seed)`` in that order, then cast to ``dtype``.
 
+    With ``vocab_size=V`` the model reads token ids: ``embedding.weight``
+    [V, input_size] (``torch.nn.Embedding``'s layout and name) comes first in
+    the parameter order, drawn standard normal (as PyTorch) as the generator's
+    first draw, and layer 0 reads ``x_t = embedding.weight[ids_t]``. Then ``x``
+    is integer ids [T, B] ([B] for ``Trainer.step``) in [0, V) in every call.
+
     Args:
         cell: one of :data:`CELLS`: "rnn_tanh", "rnn_relu", "lstm", "gru" or
             "cifg" (the LSTM with coupled input and forget gates: ``c' = f*c +
@@ -58,6 +64,8 @@ class Model:
         input_size, hidden_size, output_size, num_layers: D, H, O, L (ints >= 1).
         dtype: "float32" (default) or "float64"; every computation uses it.
         seed: seed of the initialisation.
+        vocab_size: None (default: ``x`` is floating [T, B, input_size]) or
+            V >= 1, the number of token ids (an embedding before layer 0).
     """
 
     def __init__(
@@ -69,6 +77,7 @@ class Model:
         num_layers: int = 1,
         dtype: str = "float32",
         seed: int = 0,
+        vocab_size: int | None = None,
     ):
         if cell not in reference.CELLS:
             raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
@@ -77,6 +86,7 @@ class Model:
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.output_size = _positive_int("output_size", output_size)
         self.num_layers = _positive_int("num_layers", num_layers)
+        self.vocab_size = None if vocab_size is None else _positive_int("vocab_size", vocab_size)
         try:
             dt = np.dtype(dtype)
         except TypeError:
@@ -86,12 +96,16 @@ class Model:
         self.dtype = dt.name
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(self.hidden_size)
-        self._params = {
-            name: np.ascontiguousarray(rng.uniform(-bound, bound, size=shape).astype(self.dtype))
-            for name, shape in self.shapes().items()
-        }
+        self._params = {}
+        for name, shape in self.shapes().items():
+            if name == "embedding.weight":  # nn.Embedding's init, the first draw
+                value = rng.standard_normal(size=shape)
+            else:
+                value = rng.uniform(-bound, bound, size=shape)
+            self._params[name] = np.ascontiguousarray(value.astype(self.dtype))
         self._version = 0  # bumped by load_state_dict; trainers re-check finiteness then
         self._trainers = weakref.WeakSet()  # trainers whose device copies must follow
+        self._forward_engines = {}  # backend -> the engine of predict / evaluate
 
     @property
     def gates(self) -> int:
@@ -102,6 +116,8 @@ class Model:
         """Parameter name -> shape, in canonical order."""
         G, H = self.gates, self.hidden_size
         shapes = {}
+        if self.vocab_size is not None:
+            shapes["embedding.weight"] = (self.vocab_size, self.input_size)
         for k in range(self.num_layers):
             d = self.input_size if k == 0 else H
             shapes[f"weight_ih_l{k}"] = (G * H, d)
@@ -110,16 +126,23 @@ class Model:
             shapes[f"bias_hh_l{k}"] = (G * H,)
         shapes["readout.weight"] = (self.output_size, H)
         shapes["readout.bias"] = (self.output_size,)
-        assert list(shapes) == param_names(self.num_layers)
+        assert list(shapes) == self.param_names()
         return shapes
+
+    def param_names(self) -> list[str]:
+        """Parameter names in canonical order (``embedding.weight`` first, if any)."""
+        return param_names(self.num_layers, embedding=self.vocab_size is not None)
 
     def param_list(self) -> list[np.ndarray]:
         """The live parameter arrays in canonical order (engines update them in place)."""
-        return [self._params[n] for n in param_names(self.num_layers)]
+        return [self._params[n] for n in self.param_names()]
 
     def _sync_from_devices(self) -> None:
+        # host engines update the model's arrays in place: only device copies are fetched
+        # (which also lets predict / evaluate / state_dict run inside a cpu trainer's on_update)
         for trainer in list(self._trainers):
-            trainer._engine.pull_params()
+            if trainer.backend == "cuda":
+                trainer._engine.pull_params()
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Copies of the current parameters: ``{name: np.ndarray}`` in canonical order."""
@@ -161,8 +184,96 @@ class Model:
         for trainer in list(self._trainers):
             trainer._engine.push_params()
 
+    def predict(self, x, state=None, resets=None, backend: str = "cpu", batch_first: bool = False):
+        """The model's readout outputs on a sequence, forward only (SPEC section 8).
+
+        Args:
+            x: [T, B, D] floating input (cast to the model dtype), or integer
+                ids [T, B] in [0, vocab_size) for a token model; [B, T, ...]
+                with ``batch_first``.
+            state: the state entering the first step, in either form of
+                ``Trainer.fit``'s ``initial_state``; None is zeros. A reset
+                restores it.
+            resets: optional [T, B] ([B, T] with ``batch_first``) bool/numeric;
+                nonzero = the state entering that step of that element is
+                replaced by ``state``.
+            backend: "cpu" (default), "numpy" or "cuda".
+            batch_first: data (and the returned outputs) batch first.
+
+        Returns:
+            :class:`PredictResult`: ``outputs`` [T, B, O] in the model dtype
+            ([B, T, O] with ``batch_first``) and ``state``, the final state in
+            the form of ``Trainer.state`` (per layer ``h`` [B, H] or ``(h, c)``).
+
+        Nothing changes: parameters and every trainer's state, step count,
+        pending block and optimizer state are untouched. Bad input raises
+        ``ValueError``/``TypeError`` naming the argument.
+        """
+        from .inference import predict
+
+        return predict(self, x, state, resets, backend, batch_first)
+
+    def evaluate(
+        self,
+        x,
+        target,
+        mask=None,
+        resets=None,
+        state=None,
+        loss: str = "mse",
+        backend: str = "cpu",
+        batch_first: bool = False,
+    ):
+        """The mean per-pair loss on a sequence, forward only, streamed (SPEC section 8).
+
+        Args:
+            x, state, resets, backend, batch_first: as :meth:`predict`.
+            target: mse: [T, B, O] floating; cross_entropy: [T, B] integer class
+                indices in [0, O) (not read where mask is 0); [B, T, ...] with
+                ``batch_first``.
+            mask: optional [T, B] bool/numeric, nonzero = has a target.
+            loss: "mse" or "cross_entropy".
+
+        Returns:
+            :class:`EvalResult`: ``loss`` (float, the mean of the per-pair loss
+            of SPEC section 2 over unmasked pairs, summed in float64; 0.0 if
+            none), ``count`` (int, the unmasked pairs), ``accuracy`` (float,
+            cross_entropy only: the share of unmasked pairs whose argmax is the
+            target, 0.0 if none; None for mse) and ``state`` (the final state).
+
+        The sequence is run in chunks of steps, so the memory used does not grow
+        with T. Nothing changes (as :meth:`predict`).
+        """
+        from .inference import evaluate
+
+        return evaluate(self, x, target, mask, resets, state, loss, backend, batch_first)
+
     def __repr__(self) -> str:
+        vocab = "" if self.vocab_size is None else f", vocab_size={self.vocab_size}"
         return (
             f"Model({self.cell!r}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"output_size={self.output_size}, num_layers={self.num_layers}, dtype={self.dtype!r})"
+            f"output_size={self.output_size}, num_layers={self.num_layers}, dtype={self.dtype!r}"
+            f"{vocab})"
         )
+
+    # -- checkpoints ----------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save the architecture and the current parameters to ``path`` (SPEC section 10).
+
+        The write is atomic; the format is described in :mod:`tbptt_fast.checkpoint`.
+        """
+        from .checkpoint import save_model
+
+        save_model(self, path)
+
+    @classmethod
+    def load(cls, path) -> Model:
+        """The model saved at ``path`` by :meth:`save` or ``Trainer.save``.
+
+        Raises:
+            ValueError: naming the path, for a truncated, corrupted, foreign or
+                newer-format file.
+        """
+        from .checkpoint import load_model
+
+        return load_model(path)

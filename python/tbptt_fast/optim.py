@@ -1,16 +1,18 @@
 """Optimizers and gradient clipping, defined exactly as ``torch.optim`` defines them.
 
-``SGD`` and ``Adam`` are small configuration objects; the state they need
-(momentum buffers, Adam moments and step counter) lives in the backend engine
-of the :class:`~tbptt_fast.Trainer` that uses them, so one optimizer object can
-configure several trainers without sharing state. The NumPy functions below are
-the reference that the native engines are tested against.
+``SGD`` and ``Adam`` are small configuration objects whose fields are
+validated properties: they may be changed at any time (a bad value is refused
+at the assignment), and a :class:`~tbptt_fast.Trainer` hands the current values
+to its engine before each call. The state they need (momentum buffers, Adam
+moments and step counter) lives in the backend engine of the trainer that uses
+them, so one optimizer object can configure several trainers without sharing
+state. The NumPy functions below are the reference that the native engines are
+tested against.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,31 +29,109 @@ def _check_number(name: str, value, *, minimum: float = 0.0, below_one: bool = F
     return value
 
 
-@dataclass(frozen=True)
-class SGD:
+def _field(name: str, doc: str):
+    """A validated optimizer field: ``obj._check_<name>(value)`` runs at every
+    assignment (a bad value raises and changes nothing); a change bumps the
+    object's ``_version``, which tells the trainers that use it to push the new
+    values to their engines."""
+    attr = "_" + name
+
+    def get(self):
+        return getattr(self, attr)
+
+    def set(self, value):
+        value = getattr(self, "_check_" + name)(value)
+        object.__setattr__(self, attr, value)
+        object.__setattr__(self, "_version", self._version + 1)
+
+    return property(get, set, doc=doc)
+
+
+class _Optimizer:
+    """What SGD and Adam share: validated fields, ``config()``, equality, repr.
+
+    Changing a field of an optimizer a trainer uses takes effect at that
+    trainer's next update, with its optimizer state (momentum buffers, Adam
+    moments and step count) kept, as changing a PyTorch ``param_group``'s value.
+    """
+
+    _FIELDS: tuple = ()
+    _version = 0
+
+    def __setattr__(self, name, value):
+        if name not in self._FIELDS:
+            raise AttributeError(
+                f"{type(self).__name__} has no field {name!r}; its fields are {list(self._FIELDS)}"
+            )
+        super().__setattr__(name, value)
+
+    def config(self) -> dict:  # pragma: no cover - defined by each optimizer
+        raise NotImplementedError
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.config() == other.config()
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS)
+        return f"{type(self).__name__}({fields})"
+
+
+class SGD(_Optimizer):
     """Stochastic gradient descent, as ``torch.optim.SGD`` with ``dampening=0``.
 
     Per parameter ``p`` with gradient ``g``: ``g += weight_decay * p``; with
     momentum, ``buf = g`` on the first step and ``buf = momentum * buf + g``
     after, then ``g = g + momentum * buf`` (nesterov) or ``g = buf``;
     finally ``p -= lr * g``.
+
+    The fields (``lr``, ``momentum``, ``nesterov``, ``weight_decay``) may be
+    assigned at any time; an invalid value raises ``ValueError``/``TypeError``
+    at the assignment and changes nothing.
     """
 
-    lr: float = 0.01
-    momentum: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    _FIELDS = ("lr", "momentum", "nesterov", "weight_decay")
 
-    def __post_init__(self):
-        object.__setattr__(self, "lr", _check_number("SGD lr", self.lr))
-        object.__setattr__(self, "momentum", _check_number("SGD momentum", self.momentum))
-        object.__setattr__(
-            self, "weight_decay", _check_number("SGD weight_decay", self.weight_decay)
-        )
-        if not isinstance(self.nesterov, (bool, np.bool_)):
-            raise TypeError(f"SGD nesterov must be a bool, got {type(self.nesterov).__name__}")
-        if self.nesterov and self.momentum <= 0:
+    lr = _field("lr", "Learning rate (float >= 0).")
+    momentum = _field("momentum", "Momentum factor (float >= 0); > 0 when nesterov is set.")
+    nesterov = _field("nesterov", "Nesterov momentum (bool; needs momentum > 0).")
+    weight_decay = _field("weight_decay", "L2 penalty added to the gradient (float >= 0).")
+
+    def __init__(
+        self,
+        lr: float = 0.01,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ):
+        object.__setattr__(self, "_nesterov", False)  # so that momentum's check can read it
+        self.lr = lr
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.weight_decay = weight_decay
+        object.__setattr__(self, "_version", 0)
+
+    def _check_lr(self, value) -> float:
+        return _check_number("SGD lr", value)
+
+    def _check_momentum(self, value) -> float:
+        value = _check_number("SGD momentum", value)
+        if self._nesterov and value <= 0:
             raise ValueError("SGD nesterov=True requires momentum > 0")
+        return value
+
+    def _check_nesterov(self, value) -> bool:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"SGD nesterov must be a bool, got {type(value).__name__}")
+        if value and self._momentum <= 0:
+            raise ValueError("SGD nesterov=True requires momentum > 0")
+        return bool(value)
+
+    def _check_weight_decay(self, value) -> float:
+        return _check_number("SGD weight_decay", value)
 
     def config(self) -> dict:
         """The engine-level configuration (see ``reference.Engine``)."""
@@ -67,31 +147,53 @@ class SGD:
         }
 
 
-@dataclass(frozen=True)
-class Adam:
+class Adam(_Optimizer):
     """Adam, as ``torch.optim.Adam`` with default flags (no amsgrad, L2 weight decay).
 
     ``g += weight_decay * p``; ``m = beta1*m + (1-beta1)*g``;
     ``v = beta2*v + (1-beta2)*g*g``; with ``s`` the optimizer's own step count,
     ``p -= lr / (1 - beta1**s) * m / (sqrt(v) / sqrt(1 - beta2**s) + eps)``.
+
+    The fields (``lr``, ``betas``, ``eps``, ``weight_decay``) may be assigned
+    at any time; an invalid value raises ``ValueError``/``TypeError`` at the
+    assignment and changes nothing.
     """
 
-    lr: float = 0.001
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    _FIELDS = ("lr", "betas", "eps", "weight_decay")
 
-    def __post_init__(self):
-        object.__setattr__(self, "lr", _check_number("Adam lr", self.lr))
-        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
-            raise TypeError(f"Adam betas must be a pair (beta1, beta2), got {self.betas!r}")
-        b1 = _check_number("Adam betas[0]", self.betas[0], below_one=True)
-        b2 = _check_number("Adam betas[1]", self.betas[1], below_one=True)
-        object.__setattr__(self, "betas", (b1, b2))
-        object.__setattr__(self, "eps", _check_number("Adam eps", self.eps))
-        object.__setattr__(
-            self, "weight_decay", _check_number("Adam weight_decay", self.weight_decay)
-        )
+    lr = _field("lr", "Learning rate (float >= 0).")
+    betas = _field("betas", "(beta1, beta2), each in [0, 1).")
+    eps = _field("eps", "Added to the denominator (float >= 0).")
+    weight_decay = _field("weight_decay", "L2 penalty added to the gradient (float >= 0).")
+
+    def __init__(
+        self,
+        lr: float = 0.001,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        object.__setattr__(self, "_version", 0)
+
+    def _check_lr(self, value) -> float:
+        return _check_number("Adam lr", value)
+
+    def _check_betas(self, value) -> tuple[float, float]:
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise TypeError(f"Adam betas must be a pair (beta1, beta2), got {value!r}")
+        b1 = _check_number("Adam betas[0]", value[0], below_one=True)
+        b2 = _check_number("Adam betas[1]", value[1], below_one=True)
+        return (b1, b2)
+
+    def _check_eps(self, value) -> float:
+        return _check_number("Adam eps", value)
+
+    def _check_weight_decay(self, value) -> float:
+        return _check_number("Adam weight_decay", value)
 
     def config(self) -> dict:
         """The engine-level configuration (see ``reference.Engine``)."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -13,9 +16,9 @@ from ._device import cuda_array, is_torch
 from .errors import NonFiniteError
 from .model import Model
 from .optim import SGD, Adam
-from .reference import param_names, state_count
+from .reference import state_count
 
-__all__ = ["FitResult", "NonFiniteError", "Trainer"]
+__all__ = ["FitResult", "NonFiniteError", "Trainer", "UpdateInfo"]
 
 LOSSES = ("mse", "cross_entropy")
 OVERLAPS = ("stored", "recompute")
@@ -32,12 +35,47 @@ class _Data:
     keep: tuple = ()
 
 
+def _check_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, (SGD, Adam)):
+        raise TypeError(
+            f"optimizer must be tbptt_fast.SGD or tbptt_fast.Adam, got {type(optimizer).__name__}"
+        )
+
+
+def _update_callback(on_update, after):
+    """The engines' ``on_update(index, step, loss)`` for a user's callable of an
+    :class:`UpdateInfo`; a result of ``False`` (Python's or NumPy's) stops the run.
+    ``after()`` runs once the user's callable returned (optimizer changes made
+    in it reach the engine before the next update)."""
+
+    def call(index, step, loss) -> bool:
+        result = on_update(UpdateInfo(int(index), int(step), float(loss)))
+        after()
+        return not (result is False or (isinstance(result, np.bool_) and not result))
+
+    return call
+
+
 class _SameAsK1:
     def __repr__(self) -> str:
         return "k1"
 
 
 _K1 = _SameAsK1()
+
+
+class UpdateInfo(NamedTuple):
+    """What ``fit``'s ``on_update`` callback receives after each update.
+
+    Attributes:
+        index: the update's index within this ``fit`` call (0, 1, ...).
+        step: the step ``t`` of the update (counted from the last trainer-level reset).
+        loss: the update's ``Loss_P`` (float), as in ``FitResult.losses``.
+    """
+
+    index: int
+    step: int
+    loss: float
 
 
 @dataclass
@@ -51,7 +89,8 @@ class FitResult:
         grads: with ``return_grads=True``, a list of U dicts ``{name: array}``
             (model dtype), each update's gradient before clipping; else None.
         outputs: with ``return_outputs=True``, [T, B, O] readout outputs of the
-            forward pass (model dtype); else None.
+            forward pass (model dtype; [B, T, O] for a ``batch_first`` trainer);
+            only the steps run when ``on_update`` stopped the fit; else None.
     """
 
     losses: np.ndarray
@@ -74,12 +113,20 @@ class Trainer:
             ``None`` is unbounded (back to the last trainer-level reset).
         loss: "mse" or "cross_entropy".
         optimizer: :class:`SGD` or :class:`Adam`; default ``SGD(lr=0.01)``.
+            Its fields may be changed between calls (``trainer.optimizer.lr =
+            ...``): the next update uses the new values and the optimizer state
+            (momentum, Adam moments and step count) is kept. Assigning another
+            optimizer object (``trainer.optimizer = tb.Adam(...)``) starts from
+            a fresh optimizer state.
         clip_grad_norm: None, or a max global 2-norm (> 0), as
             ``torch.nn.utils.clip_grad_norm_``.
         overlap: "stored" (backward through the stored activations with the
             current weights) or "recompute" (re-run the window's forward with
             the current weights); they differ only when k2 > k1.
         backend: "cpu" (default, C++), "numpy" (the reference) or "cuda".
+        batch_first: ``fit``'s data are [B, T, ...] instead of [T, B, ...]
+            (x, target, mask, resets; the returned outputs [B, T, O] too);
+            ``step`` is unaffected.
     """
 
     def __init__(
@@ -92,6 +139,7 @@ class Trainer:
         clip_grad_norm: float | None = None,
         overlap: str = "stored",
         backend: str = "cpu",
+        batch_first: bool = False,
     ):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a tbptt_fast.Model, got {type(model).__name__}")
@@ -100,13 +148,13 @@ class Trainer:
         self.loss = V.check_choice("loss", loss, LOSSES)
         self.overlap = V.check_choice("overlap", overlap, OVERLAPS)
         self.backend = V.check_choice("backend", backend, BACKENDS)
+        self.batch_first = V.check_bool("batch_first", batch_first)
         if optimizer is None:
             optimizer = SGD(lr=0.01)
-        if not isinstance(optimizer, (SGD, Adam)):
-            raise TypeError(
-                f"optimizer must be tbptt_fast.SGD or tbptt_fast.Adam, got {type(optimizer).__name__}"
-            )
-        self.optimizer = optimizer
+        _check_optimizer(optimizer)
+        self._optimizer = optimizer
+        self._synced = (optimizer, optimizer._version)  # what the engine holds
+        self._fresh_optimizer = False  # another optimizer object was assigned
         if clip_grad_norm is not None:
             if isinstance(clip_grad_norm, bool) or not isinstance(
                 clip_grad_norm, (int, float, np.integer, np.floating)
@@ -137,20 +185,53 @@ class Trainer:
         """Refuse non-finite parameters (checked again only after load_state_dict)."""
         if self._checked_version == self.model._version:
             return
-        for name, p in zip(
-            param_names(self.model.num_layers), self.model.param_list(), strict=True
-        ):
-            if not np.all(np.isfinite(p)):
-                raise ValueError(f"parameter {name} must be finite, found NaN or Inf")
+        V.finite_params(self.model)
         self._checked_version = self.model._version
 
+    # -- the optimizer --------------------------------------------------------------
+    @property
+    def optimizer(self) -> SGD | Adam:
+        """The optimizer (:class:`SGD` or :class:`Adam`).
+
+        Changing its fields (``trainer.optimizer.lr = 0.5 * trainer.optimizer.lr``)
+        takes effect at the next update with the optimizer state (momentum
+        buffers, Adam moments and step count) kept, as changing a PyTorch
+        ``param_group``'s values. Assigning another optimizer object
+        (``trainer.optimizer = tb.Adam(lr=1e-3)``) takes effect at the next
+        update with a fresh optimizer state. The values reach the engine before
+        the next update, also when changed inside ``fit``'s ``on_update``
+        callback (a learning-rate schedule stepped per update).
+        """
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: SGD | Adam) -> None:
+        _check_optimizer(optimizer)
+        if optimizer is not self._optimizer:
+            self._optimizer = optimizer
+            self._fresh_optimizer = True
+
+    def _sync_optimizer(self) -> None:
+        """Hand the optimizer's current values to the engine, if they changed
+        (with a fresh optimizer state after another optimizer was assigned)."""
+        opt, fresh = self._optimizer, self._fresh_optimizer
+        if not fresh and self._synced == (opt, opt._version):
+            return
+        cfg = opt.config()
+        self._engine.set_hyperparams(cfg, fresh)
+        self._engine_config = dataclasses.replace(self._engine_config, **cfg)
+        self._synced = (opt, opt._version)
+        self._fresh_optimizer = False
+
+    # -- validation ---------------------------------------------------------------
     def _check_data(self, x, target, mask, resets, *, step: bool) -> _Data:
         """Validate and convert one call's data for the engine."""
         m = self.model
+        batch_first = self.batch_first and not step
         if step:
             xs, lead = ("x_t", "target_t", "mask_t", "reset_t"), ("B",)
         else:
-            xs, lead = ("x", "target", "mask", "resets"), ("T", "B")
+            xs, lead = ("x", "target", "mask", "resets"), ("B", "T") if batch_first else ("T", "B")
         values = (x, target, mask, resets)
         # host backends copy PyTorch tensors from any device, as before (_to_numpy)
         views = [
@@ -164,13 +245,31 @@ class Trainer:
                     f"{name} is a CUDA array but backend={self.backend!r} reads host memory: "
                     "use backend='cuda', or copy it to the host first (e.g. CuPy's .get())"
                 )
+            if m.vocab_size is not None:
+                raise TypeError(
+                    f"{name} is a CUDA array, but the token ids of a model with vocab_size "
+                    "are read from the host: pass NumPy arrays (e.g. CuPy's .get())"
+                )
             args = V.device_data(
-                m, self.loss, xs, values, views, step=step, scan=self._engine.scan_device
+                m,
+                self.loss,
+                xs,
+                values,
+                views,
+                step=step,
+                scan=self._engine.scan_device,
+                batch_first=batch_first,
             )
+            batch = views[0].shape[0] if batch_first else views[0].shape[-2]  # x: [.., B, D]
             # the views keep their memory alive (a DLPack capsule may be its only owner)
-            return _Data(args, views[0].shape[-2], device=True, keep=tuple(views))
+            return _Data(args, batch, device=True, keep=tuple(views))
         x_name, t_name, m_name, r_name = xs
-        xa = V.float_array(x_name, x, (*(None,) * len(lead), m.input_size), (*lead, "D"), m.dtype)
+        if m.vocab_size is not None:
+            xa = V.token_ids(x_name, x, (None,) * len(lead), lead, m.vocab_size)
+        else:
+            xa = V.float_array(
+                x_name, x, (*(None,) * len(lead), m.input_size), (*lead, "D"), m.dtype
+            )
         lead_shape = xa.shape[: len(lead)]
         mask_b = V.flag_array(m_name, mask, lead_shape, lead)
         reset_b = V.flag_array(r_name, resets, lead_shape, lead)
@@ -192,15 +291,19 @@ class Trainer:
             xa, ta = xa[None], ta[None]
             mask_b = None if mask_b is None else mask_b[None]
             reset_b = None if reset_b is None else reset_b[None]
+        elif batch_first:  # to the engines' time-major layout
+            xa, ta, mask_b, reset_b = (V.time_major(a) for a in (xa, ta, mask_b, reset_b))
         # None stays None (all ones / no resets): nothing of size T is allocated
         mask_f = None if mask_b is None else np.ascontiguousarray(mask_b, dtype=m.dtype)
         resets_u8 = None if reset_b is None else np.ascontiguousarray(reset_b, dtype=np.uint8)
         # the validators return C-contiguous arrays
         return _Data((xa, ta, mask_f, resets_u8), xa.shape[1], device=False)
 
-    def _run_data(self, data: _Data, flush: bool, return_grads: bool, return_outputs: bool):
+    def _run_data(
+        self, data: _Data, flush: bool, return_grads: bool, return_outputs: bool, on_update=None
+    ):
         run = self._engine.run_device if data.device else self._engine.run
-        return self._run(run, *data.args, flush, return_grads, return_outputs)
+        return self._run(run, *data.args, flush, return_grads, return_outputs, on_update)
 
     def _check_batch(self, batch: int, name: str) -> None:
         if self._batch is not None and batch != self._batch:
@@ -229,11 +332,16 @@ class Trainer:
         flush: bool = True,
         return_grads: bool = False,
         return_outputs: bool = False,
+        on_update: Callable[[UpdateInfo], object] | None = None,
     ) -> FitResult:
         """Train on a sequence, carrying the state, step count and pending block on.
 
         Args:
-            x: [T, B, D] floating input (cast to the model dtype).
+            x: [T, B, D] floating input (cast to the model dtype); for a model
+                with ``vocab_size``, integer token ids [T, B] in [0, vocab_size).
+                With ``batch_first=True`` (the trainer's), every data argument
+                is batch first: x [B, T, ...], target [B, T, ...], mask and
+                resets [B, T]; the outputs are returned [B, T, O].
             target: mse: [T, B, O] floating; cross_entropy: [T, B] integer class
                 indices in [0, O) (not read where mask is 0).
             mask: optional [T, B] bool/numeric, nonzero = has a target.
@@ -245,6 +353,14 @@ class Trainer:
             flush: update on the pending partial block at the end (default True).
             return_grads, return_outputs: also return each update's gradient
                 (before clipping) / the readout outputs [T, B, O].
+            on_update: optional callable, called after each update (and its
+                optimizer step) with an :class:`UpdateInfo` ``(index, step,
+                loss)``. Returning ``False`` stops the fit right after that
+                update: the updates so far are kept, the stream is positioned
+                after that step (as a fit on the data up to it with
+                ``flush=False``), and the result holds the updates so far (and
+                the outputs of the steps run). An exception it raises stops the
+                fit the same way and propagates.
 
         Data arrays are NumPy arrays (or anything ``numpy.asarray`` takes) on
         every backend. With ``backend="cuda"`` they may instead all be CUDA
@@ -264,13 +380,25 @@ class Trainer:
             init = V.initial_state(initial_state, self.model, batch)
         else:
             self._check_batch(batch, "x")
+        if on_update is not None and not callable(on_update):
+            raise TypeError(f"on_update must be callable or None, got {type(on_update).__name__}")
         self._check_params()
+        self._sync_optimizer()
         if init is not None:
             self._engine.reset(init)
         self._batch = self._last_batch = batch
+        first = self.step_count
         losses, steps, grads, outputs = self._run_data(
-            data, bool(flush), bool(return_grads), bool(return_outputs)
+            data,
+            bool(flush),
+            bool(return_grads),
+            bool(return_outputs),
+            None if on_update is None else _update_callback(on_update, self._sync_optimizer),
         )
+        if return_outputs:
+            outputs = outputs[: self.step_count - first]  # fewer when on_update stopped it
+            if self.batch_first:
+                outputs = np.swapaxes(outputs, 0, 1)
         return FitResult(
             losses=np.asarray(losses, dtype=np.float64),
             update_steps=np.asarray(steps, dtype=np.int64),
@@ -281,13 +409,14 @@ class Trainer:
     def step(self, x_t, target_t, mask_t=None, reset_t=None) -> float | None:
         """Streaming: run one step; returns the update's loss if one happened, else None.
 
-        x_t [B, D]; target_t [B, O] (mse) or [B] integers (cross_entropy);
-        mask_t, reset_t optional [B] bool/numeric. As in :meth:`fit`, the
-        cuda backend also takes CUDA arrays.
+        x_t [B, D] (integer ids [B] with ``vocab_size``); target_t [B, O] (mse)
+        or [B] integers (cross_entropy); mask_t, reset_t optional [B]
+        bool/numeric. As in :meth:`fit`, the cuda backend also takes CUDA arrays.
         """
         data = self._check_data(x_t, target_t, mask_t, reset_t, step=True)
         self._check_batch(data.batch, "x_t")
         self._check_params()
+        self._sync_optimizer()
         self._batch = self._last_batch = data.batch
         losses, _, _, _ = self._run_data(data, False, False, False)
         return float(losses[0]) if len(losses) else None
@@ -295,6 +424,7 @@ class Trainer:
     def flush(self) -> float | None:
         """Update on the pending partial block; returns its loss, or None if nothing was pending."""
         self._check_params()
+        self._sync_optimizer()
         losses, _, _, _ = self._run(self._engine.flush, False)
         return float(losses[0]) if len(losses) else None
 
@@ -315,16 +445,14 @@ class Trainer:
         ``(h, c)`` for lstm and cifg (copies). After ``reset_state()`` without
         an initial state it is zeros of the last batch size seen; None before
         any batch size is known (a new trainer that has not stepped)."""
-        n = state_count(self.model.cell)
         flat = self._engine.state()
         if flat is None:
             if self._last_batch is None:
                 return None
+            n = state_count(self.model.cell)
             shape = (self._last_batch, self.model.hidden_size)
             flat = [np.zeros(shape, self.model.dtype) for _ in range(n * self.model.num_layers)]
-        if n == 2:
-            return [(flat[2 * k], flat[2 * k + 1]) for k in range(self.model.num_layers)]
-        return list(flat)
+        return V.nested_state(flat, self.model)
 
     @property
     def step_count(self) -> int:
@@ -337,12 +465,45 @@ class Trainer:
         return int(self._engine.pending)
 
     def _named(self, grads):
-        names = param_names(self.model.num_layers)
+        names = self.model.param_names()
         return [dict(zip(names, g, strict=True)) for g in grads]
 
     def __repr__(self) -> str:
         return (
             f"Trainer({self.model!r}, k1={self.k1}, k2={self.k2}, loss={self.loss!r}, "
             f"optimizer={self.optimizer!r}, clip_grad_norm={self.clip_grad_norm}, "
-            f"overlap={self.overlap!r}, backend={self.backend!r})"
+            f"overlap={self.overlap!r}, backend={self.backend!r}"
+            f"{', batch_first=True' if self.batch_first else ''})"
         )
+
+    # -- checkpoints ----------------------------------------------------------------
+    def save(self, path) -> None:
+        """Save everything needed to continue training to ``path`` (SPEC section 10).
+
+        The checkpoint (see :mod:`tbptt_fast.checkpoint`) holds the model, the
+        optimizer and its state, the configuration, the step count, the pending
+        block, the stored history the next windows reach into, the state and
+        the initial state used for resets. ``fit(a)``, ``save``, ``load``,
+        ``fit(b)`` equals ``fit(a)``, ``fit(b)``. The write is atomic: the
+        file at ``path`` is replaced only once the new one is complete.
+        """
+        from .checkpoint import save_trainer
+
+        save_trainer(self, path)
+
+    @classmethod
+    def load(cls, path, backend: str | None = None) -> Trainer:
+        """The trainer saved at ``path`` by :meth:`save`, with a new model.
+
+        Args:
+            path: a trainer checkpoint.
+            backend: "numpy", "cpu" or "cuda"; None (default) is the backend it
+                was saved from. A checkpoint loads on every backend.
+
+        Raises:
+            ValueError: naming the path, for a truncated, corrupted, foreign or
+                newer-format file, or a model checkpoint (use ``Model.load``).
+        """
+        from .checkpoint import load_trainer
+
+        return load_trainer(path, backend)
