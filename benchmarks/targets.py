@@ -45,6 +45,12 @@ TARGETS = [
      2.0),
     ("cpu-recompute >= 2x best torch", dict(hidden=256, batch=32, k1=1, k2=16), "torch",
      "cpu-recompute", None, 2.0),
+    ("torch-bridge >= 0.85x cpu", dict(hidden=256, batch=32, k1=16, k2=16), "ratio",
+     "torch-bridge", "cpu", 0.85),
+    ("torch-bridge >= 1.3x best torch", dict(hidden=256, batch=32, k1=16, k2=16), "torch",
+     "torch-bridge", None, 1.3),
+    ("torch-bridge >= 1.8x torch-recompute", dict(hidden=256, batch=32, k1=16, k2=64), "ratio",
+     "torch-bridge", "torch-recompute", 1.8),
     ("cpu >= 6x textbook", dict(hidden=64), "textbook", "cpu", None, 6.0),
     ("cpu >= 2.5x textbook", dict(hidden=1024), "textbook", "cpu", None, 2.5),
 ]  # fmt: skip

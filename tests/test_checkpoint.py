@@ -615,3 +615,27 @@ def test_optimizer_changed_before_save(backend, tmp_path):
             assert tr.optimizer == tb.SGD(lr=0.1, momentum=0.9)
         runs.append((tr, _second_part(tr, case, data)))
     _assert_equal_runs(runs[0][0], runs[1][0], runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_unit_sizes_round_trip(tmp_path, backend):
+    """D = H = O = 1 (every history array has a last axis of size 1): the
+    checkpoint keeps those axes and resumes bit for bit."""
+    if backend == "cpu" and not tb.native_available():
+        pytest.skip("native module not built")
+    r = np.random.default_rng(3)
+    x, y = r.standard_normal((13, 2, 1)), r.standard_normal((13, 2, 1))
+
+    def trainer():
+        m = tb.Model("rnn_tanh", 1, 1, 1, dtype="float64", seed=1)
+        return tb.Trainer(m, k1=3, k2=5, optimizer=tb.SGD(lr=0.1), backend=backend)
+
+    a = trainer()
+    a.fit(x[:7], y[:7], flush=False)
+    a.save(tmp_path / "u.ckpt")
+    ra = a.fit(x[7:], y[7:])
+    b = tb.Trainer.load(tmp_path / "u.ckpt")
+    rb = b.fit(x[7:], y[7:])
+    np.testing.assert_array_equal(ra.losses, rb.losses)
+    for k, v in a.model.state_dict().items():
+        np.testing.assert_array_equal(v, b.model.state_dict()[k])

@@ -242,6 +242,7 @@ class Engine final : public EngineBase {
 
   RunResult flush(bool return_grads) override {
     [[maybe_unused]] const auto guard = dev_.guard();
+    dev_.params_changed();  // the caller may have changed the parameters since the last run
     RunResult res;
     sched_.run(
         0, true, [](int64_t, int64_t) {},
@@ -367,11 +368,11 @@ class Engine final : public EngineBase {
       const bool ce = cfg_.loss == LossKind::kCrossEntropy;
       s.arrays["x"] = history<T>(st.x, D_, first, n);
       if (cfg_.vocab_size > 0)
-        s.arrays["ids"] = history<int64_t>(st.ids, 1, first, n, HostArray::kInt64);
-      s.arrays["mask"] = history<T>(st.mask, 1, first, n);
-      s.arrays["resets"] = history<uint8_t>(st.resets, 1, first, n, HostArray::kUint8);
+        s.arrays["ids"] = history<int64_t>(st.ids, 1, first, n, HostArray::kInt64, true);
+      s.arrays["mask"] = history<T>(st.mask, 1, first, n, HostArray::kEngine, true);
+      s.arrays["resets"] = history<uint8_t>(st.resets, 1, first, n, HostArray::kUint8, true);
       if (ce) {
-        s.arrays["label"] = history<int64_t>(st.label, 1, first, n, HostArray::kInt64);
+        s.arrays["label"] = history<int64_t>(st.label, 1, first, n, HostArray::kInt64, true);
       } else {
         s.arrays["target"] = history<T>(st.target, O_, first, n);
       }
@@ -601,11 +602,12 @@ class Engine final : public EngineBase {
   }
 
   // A [n, B, width] history array of the real store, oldest step first.
+  // per_row: one value per (step, row) -> [n, B]; else [n, B, width] (width may be 1).
   template <typename U>
   HostArray history(Buf<U>& buf, int64_t width, int64_t first, int64_t n,
-                    int dtype = HostArray::kEngine) const {
+                    int dtype = HostArray::kEngine, bool per_row = false) const {
     HostArray a;
-    a.shape = width == 1 ? std::vector<int64_t>{n, B_} : std::vector<int64_t>{n, B_, width};
+    a.shape = per_row ? std::vector<int64_t>{n, B_} : std::vector<int64_t>{n, B_, width};
     a.dtype = dtype;
     a.bytes.resize(static_cast<size_t>(n * B_ * width) * sizeof(U));
     U* out = reinterpret_cast<U*>(a.bytes.data());

@@ -46,6 +46,39 @@ class TbRunner:
         return res.losses, res.grads
 
 
+class TorchBridgeRunner:
+    """``tbptt_fast.torch.TBPTT`` over ``nn.LSTM/GRU/RNN`` + ``nn.Linear`` with
+    ``torch.optim.SGD`` and the row's loss (overlap "stored"): the engine computes each
+    update's gradient, PyTorch's optimizer steps."""
+
+    def __init__(self, cfg: Config, params: dict, lr: float):
+        torch = torch_loops.import_torch()
+        from ..torch import TBPTT
+
+        self.rnn, self.readout = torch_loops.sequence_modules(cfg.cell, params, cfg.dtype)
+        self.runner = TBPTT(
+            self.rnn, self.readout, k1=cfg.k1, k2=cfg.k2, loss=getattr(cfg, "loss", "mse")
+        )
+        self.opt = torch.optim.SGD([*self.rnn.parameters(), *self.readout.parameters()], lr=lr)
+        self.names = [
+            *(n for n, _ in self.rnn.named_parameters()),
+            "readout.weight",
+            "readout.bias",
+        ]
+
+    def fit(self, x, target, return_grads=False):
+        grads = []
+        params = [*self.rnn.parameters(), *self.readout.parameters()]
+
+        def keep(_info):
+            grads.append(
+                {n: p.grad.numpy().copy() for n, p in zip(self.names, params, strict=True)}
+            )
+
+        res = self.runner.fit(x, target, self.opt, on_update=keep if return_grads else None)
+        return res.losses, (grads if return_grads else None)
+
+
 @dataclasses.dataclass
 class Impl:
     """An implementation: how to build it, when it applies, and which rule it follows."""
@@ -82,6 +115,12 @@ IMPLS = {
         "recompute",
         "tbptt_fast",
     ),
+    "torch-bridge": Impl(
+        TorchBridgeRunner,
+        lambda c: c.cell in torch_loops.TORCH_CELLS,
+        "stored",
+        "tbptt_fast",
+    ),
     "textbook": Impl(_peer(textbook.TextbookTBPTT), lambda c: True, "stored", "textbook"),
     "torch-seq": Impl(_peer(torch_loops.TorchSeq), lambda c: c.k1 == c.k2, "stored", "torch"),
     "torch-cell": Impl(_peer(torch_loops.TorchCell), lambda c: c.k1 == c.k2, "stored", "torch"),
@@ -102,9 +141,9 @@ def unavailable_reason(name: str) -> str | None:
     """Why implementation ``name`` cannot run on this machine, or None if it can."""
     if name not in IMPLS:
         return f"unknown implementation {name!r}; choose from {', '.join(ALL_IMPLS)}"
-    if name.startswith("cpu") and not native_ok():
+    if (name.startswith("cpu") or name == "torch-bridge") and not native_ok():
         return "the native module tbptt_fast._core is not built (backend 'cpu')"
-    if IMPLS[name].family == "torch":
+    if IMPLS[name].family == "torch" or name == "torch-bridge":
         try:
             torch_loops.import_torch()
         except ImportError as exc:

@@ -35,6 +35,32 @@ def import_torch():
 _SEQ = {"rnn_tanh": "RNN", "lstm": "LSTM", "gru": "GRU"}
 _CELL = {"rnn_tanh": "RNNCell", "lstm": "LSTMCell", "gru": "GRUCell"}
 
+#: The cells the PyTorch peers (and ``sequence_modules``) cover.
+TORCH_CELLS = tuple(_SEQ)
+
+
+def sequence_modules(cell, params, dtype="float32"):
+    """``(rnn, readout)``: ``nn.LSTM/GRU/RNN`` and ``nn.Linear`` holding copies of
+    ``params`` (a ``tb.Model.state_dict()``), in the torch dtype of ``dtype``."""
+    torch = import_torch()
+    tdtype = getattr(torch, np.dtype(dtype).name)
+    num_layers = sum(1 for k in params if k.startswith("weight_ih_l"))
+    d = params["weight_ih_l0"].shape[1]
+    hidden = params["weight_hh_l0"].shape[1]
+    out = params["readout.weight"].shape[0]
+    extra = {"nonlinearity": "tanh"} if cell == "rnn_tanh" else {}
+    rnn = getattr(torch.nn, _SEQ[cell])(d, hidden, num_layers, **extra)
+    sd = {k: torch.as_tensor(np.array(v)) for k, v in params.items() if "_l" in k}
+    rnn.to(tdtype).load_state_dict(sd)
+    readout = torch.nn.Linear(hidden, out).to(tdtype)
+    readout.load_state_dict(
+        {
+            "weight": torch.as_tensor(np.array(params["readout.weight"])),
+            "bias": torch.as_tensor(np.array(params["readout.bias"])),
+        }
+    )
+    return rnn, readout
+
 
 class _TorchPeer:
     """Common parts: building the modules, SGD, state handling, numpy <-> torch."""
