@@ -13,7 +13,11 @@ from ..reference import GATES
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """One benchmark configuration; the input size D equals the hidden size H."""
+    """One benchmark configuration; the input size D equals the hidden size H.
+
+    ``loss``: "mse" (targets [T, B, O]) or "cross_entropy" (O classes, targets
+    [T, B] integers): the two losses of the contract; both are timed.
+    """
 
     cell: str
     hidden: int
@@ -24,13 +28,23 @@ class Config:
     dtype: str = "float32"
     out: int = 16
     layers: int = 1
+    loss: str = "mse"
 
     @property
     def label(self) -> str:
-        return f"{self.cell} H={self.hidden} B={self.batch} ({self.k1},{self.k2}) t={self.threads}"
+        return label_of(dataclasses.asdict(self))
 
     def key(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def label_of(row: dict) -> str:
+    """A configuration's label, e.g. ``lstm H=64 B=8 (16,16) t=1`` (``... ce O=64``
+    for cross-entropy), from a Config's fields or a result row."""
+    text = f"{row['cell']} H={row['hidden']} B={row['batch']} ({row['k1']},{row['k2']}) t={row['threads']}"
+    if row.get("loss", "mse") == "cross_entropy":
+        text += f" ce O={row['out']}"
+    return text
 
 
 def flops_per_step(cfg: Config) -> float:
@@ -56,12 +70,17 @@ def make_matrix(cells, hidden, batch, ks, threads, **kw) -> list[Config]:
 PRESETS = {
     # a few seconds: for the tests
     "tiny": dict(
-        configs=[Config("lstm", 8, 2, 4, 4), Config("gru", 8, 2, 2, 4)],
+        configs=[
+            Config("lstm", 8, 2, 4, 4),
+            Config("gru", 8, 2, 2, 4),
+            Config("lstm", 8, 2, 4, 4, out=5, loss="cross_entropy"),
+        ],
         repeats=1,
         sample_s=0.02,
         max_retries=0,
     ),
-    # the default: under 2 minutes on a 2-core machine
+    # the default: about a minute on a 2-core machine; after budget_s seconds samples
+    # taken while the machine was busy are no longer retried, so it ends within 2 minutes
     "quick": dict(
         configs=[
             Config("lstm", 64, 8, 16, 16, 1),
@@ -69,12 +88,16 @@ PRESETS = {
             Config("rnn_tanh", 64, 8, 16, 16, 1),
             Config("lstm", 256, 32, 16, 16, 2),
             Config("lstm", 256, 32, 16, 64, 2),
+            # a character-level language model's shape: 64 classes, cross-entropy
+            Config("lstm", 128, 16, 16, 16, 1, out=64, loss="cross_entropy"),
         ],
         repeats=3,
         sample_s=0.25,
         max_retries=2,
+        budget_s=75.0,
     ),
-    # every configuration that a target names, for all three cells, 1 and 2 threads
+    # every configuration that a target names, for all three cells, 1 and 2 threads,
+    # and cross-entropy rows
     "full": dict(
         configs=[
             Config(cell, h, b, k1, k2, t)
@@ -88,6 +111,12 @@ PRESETS = {
                 (256, 32, 1, 16),
                 (1024, 32, 64, 64),
             ]
+        ]
+        + [
+            Config(cell, 128, 16, k1, k2, t, out=64, loss="cross_entropy")
+            for t in (1, 2)
+            for cell in ("lstm", "gru")
+            for (k1, k2) in [(16, 16), (16, 64)]
         ],
         repeats=5,
         sample_s=0.5,

@@ -20,22 +20,238 @@ Work definition, identical for every implementation of a row:
 
 Modules: ``configs`` (what a row is, presets), ``runners`` (the implementations),
 ``checks`` (gradient checks), ``timing`` (machine load, GEMM peak, timed samples),
-``report`` (ratios, table, JSON, plot); this module runs a matrix (``run``) and is the
-command line (``main``).
+``report`` (ratios, table, JSON, plot); this module runs a matrix (``run``), times the
+cross-entropy rows (``time_ce_config``: the tbptt_fast backends and PyTorch's detach loop,
+since the other peers implement mse only) and is the command line (``main``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import statistics
+import sys
 import time
 from collections.abc import Callable
 
-from .configs import PRESETS, Config, make_matrix, parse_ints, parse_ks
+import numpy as np
+
+import tbptt_fast as tb
+
+from .checks import max_rel_err
+from .configs import PRESETS, Config, flops_per_step, make_matrix, parse_ints, parse_ks
 from .peers import torch_loops
 from .report import add_ratios, report
-from .runners import ALL_IMPLS, IMPLS
-from .timing import gemm_peak, machine_info, time_config, wait_for_quiet
+from .runners import ALL_IMPLS, IMPLS, make_params, unavailable_reason
+from .timing import NoiseMeter, gemm_peak, machine_info, set_threads, time_config, wait_for_quiet
+
+# ------------------------------------------------------------------ cross-entropy rows
+
+
+class TbCrossEntropy:
+    """tbptt_fast ``Trainer`` with SGD and cross-entropy on one backend/overlap rule."""
+
+    def __init__(self, cfg: Config, params: dict, backend: str, overlap: str, lr: float):
+        model = tb.Model(
+            cfg.cell, cfg.hidden, cfg.hidden, cfg.out, cfg.layers, dtype=cfg.dtype, seed=0
+        )
+        model.load_state_dict(params)
+        self.trainer = tb.Trainer(
+            model,
+            k1=cfg.k1,
+            k2=cfg.k2,
+            loss="cross_entropy",
+            optimizer=tb.SGD(lr=lr),
+            overlap=overlap,
+            backend=backend,
+        )
+
+    def fit(self, x, target, return_grads=False):
+        res = self.trainer.fit(x, target, return_grads=return_grads)
+        return res.losses, res.grads
+
+
+class TorchSeqCrossEntropy(torch_loops.TorchSeq):
+    """PyTorch's detach-every-k loop (``TorchSeq``) with ``F.cross_entropy`` over the block."""
+
+    def fit(self, x, target, return_grads=False):
+        torch = self.torch
+        x = torch.as_tensor(x, dtype=self.dtype)
+        target = torch.as_tensor(target, dtype=torch.int64)
+        if self.state is None:
+            self.state = self._zero_state(x.shape[1], per_layer=False)
+        losses, grads = [], []
+        for s in range(0, x.shape[0], self.k1):
+            out, state = self.rnn(x[s : s + self.k1], self.state)
+            y = self.readout(out)
+            loss = torch.nn.functional.cross_entropy(
+                y.reshape(-1, y.shape[-1]), target[s : s + self.k1].reshape(-1)
+            )
+            g = self._step(loss, return_grads)
+            self.state = self._detach(state)
+            losses.append(loss.item())
+            if return_grads:
+                grads.append(g)
+        return np.array(losses), (grads if return_grads else None)
+
+
+#: name -> (build(cfg, params, lr), applies(cfg), the overlap rule its gradients match)
+CE_IMPLS = {
+    "numpy": (
+        lambda c, p, lr: TbCrossEntropy(c, p, "numpy", "stored", lr),
+        lambda c: True,
+        "stored",
+    ),
+    "cpu": (lambda c, p, lr: TbCrossEntropy(c, p, "cpu", "stored", lr), lambda c: True, "stored"),
+    "cpu-recompute": (
+        lambda c, p, lr: TbCrossEntropy(c, p, "cpu", "recompute", lr),
+        lambda c: c.k1 < c.k2,
+        "recompute",
+    ),
+    "torch-seq": (
+        lambda c, p, lr: TorchSeqCrossEntropy(c.cell, p, c.k1, c.k2, lr=lr, dtype=c.dtype),
+        lambda c: c.k1 == c.k2 and c.cell in torch_loops.TORCH_CELLS,
+        "stored",
+    ),
+}
+
+
+def ce_data(cfg: Config, steps: int, seed: int = 1):
+    """x ``[steps, B, H]`` of the row's dtype and class targets ``[steps, B]`` in [0, O)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((steps, cfg.batch, cfg.hidden)).astype(cfg.dtype)
+    return x, rng.integers(0, cfg.out, size=(steps, cfg.batch))
+
+
+def check_ce(name: str, cfg: Config, lr: float = 0.01) -> dict:
+    """``checks.check_impl`` for cross-entropy: every update's gradient against the
+    NumPy reference in float64 on a small model (1e-8), the first in float32 at the
+    row's size (1e-4)."""
+    build, _, overlap = CE_IMPLS[name]
+    small = dataclasses.replace(
+        cfg,
+        hidden=min(cfg.hidden, 16),
+        batch=min(cfg.batch, 3),
+        out=min(cfg.out, 4),
+        dtype="float64",
+    )
+    out = {"ok": True, "err64": None, "err32": None, "message": "ok"}
+    for tag, c, steps, tol in [
+        ("float64", small, cfg.k1 * (math.ceil(cfg.k2 / cfg.k1) + 2), 1e-8),
+        ("float32", cfg, cfg.k1, 1e-4),
+    ]:
+        params = make_params(c)
+        x, target = ce_data(c, steps, seed=2)
+        _, ref = TbCrossEntropy(c, params, "numpy", overlap, lr).fit(x, target, True)
+        _, got = build(c, params, lr).fit(x, target, True)
+        err = (
+            max(max_rel_err(g, r) for g, r in zip(got, ref, strict=True))
+            if len(got) == len(ref)
+            else math.inf
+        )
+        out["err64" if tag == "float64" else "err32"] = err
+        if not err <= tol:
+            out.update(
+                ok=False,
+                message=f"{name} disagrees with tbptt_fast numpy (cross-entropy, "
+                f"overlap={overlap!r}) in {tag}: max relative gradient error {err:.3g} > {tol:g}",
+            )
+            return out
+    return out
+
+
+def time_ce_config(
+    cfg: Config,
+    names: list[str],
+    *,
+    repeats: int,
+    sample_s: float,
+    max_retries: int,
+    busy_limit: float,
+    check: bool,
+    lr: float,
+    log: Callable[[str], None],
+) -> list[dict]:
+    """``timing.time_config`` for a cross-entropy row: the same checks, interleaved
+    samples and retries, with the implementations of :data:`CE_IMPLS`."""
+    set_threads(cfg.threads)
+    rows = {}
+    for name in names:
+        row = {**cfg.key(), "impl": name, "status": "ok", "message": ""}
+        rows[name] = row
+        reason = unavailable_reason(name)
+        if reason is None and name not in CE_IMPLS:
+            reason = "times mse only"
+        elif reason is None and not CE_IMPLS[name][1](cfg):
+            reason = "does not apply to this (k1, k2)"
+        if reason:
+            row.update(status="skipped", message=reason)
+            continue
+        if check and name != "numpy":
+            res = check_ce(name, cfg, lr)
+            row.update(check_err64=res["err64"], check_err32=res["err32"])
+            if not res["ok"]:
+                row.update(status="check_failed", message=res["message"])
+                log(f"    CHECK FAILED: {res['message']}")
+    live = [n for n in names if rows[n]["status"] == "ok"]
+    if not live:
+        return list(rows.values())
+    set_threads(cfg.threads)
+    warm = max(2 * max(cfg.k1, cfg.k2), cfg.k1)
+    warm = -(-warm // cfg.k1) * cfg.k1
+    x, target = ce_data(cfg, max(warm, -(-4096 // cfg.k1) * cfg.k1))
+    params = make_params(cfg)
+    runners, plan = {}, {}
+    for name in live:
+        runners[name] = CE_IMPLS[name][0](cfg, params, lr)
+        t0 = time.perf_counter()
+        runners[name].fit(x[:warm], target[:warm])
+        rate = warm / max(time.perf_counter() - t0, 1e-9)
+        steps = min(x.shape[0], max(warm, -(-int(rate * sample_s) // cfg.k1) * cfg.k1))
+        plan[name] = (steps, max(1, round(rate * sample_s / steps)))
+        rows[name].update(
+            steps_per_call=steps, calls=plan[name][1], samples_s=[], busy=[], retries=0
+        )
+    meter = NoiseMeter()
+    for rep in range(repeats):
+        for name in live if rep % 2 == 0 else live[::-1]:
+            steps, calls = plan[name]
+            best = None
+            for attempt in range(max_retries + 1):
+                meter.start()
+                for _ in range(calls):
+                    runners[name].fit(x[:steps], target[:steps])
+                wall, busy = meter.stop()
+                if best is None or busy < best[1]:
+                    best = (wall, busy)
+                if busy <= busy_limit:
+                    break
+                rows[name]["retries"] += 1
+                if attempt < max_retries:
+                    time.sleep(0.2)
+            rows[name]["samples_s"].append(best[0])
+            rows[name]["busy"].append(best[1])
+    for name in live:
+        row = rows[name]
+        steps, calls = plan[name]
+        work = steps * calls
+        med = statistics.median(row["samples_s"])
+        row.update(
+            median_s=med,
+            min_s=min(row["samples_s"]),
+            max_s=max(row["samples_s"]),
+            timesteps_per_s=work / med,
+            throughput=work * cfg.batch / med,
+            throughput_min=work * cfg.batch / max(row["samples_s"]),
+            throughput_max=work * cfg.batch / min(row["samples_s"]),
+            gflops=flops_per_step(cfg) * work / med / 1e9,
+            busy_max=max(row["busy"]),
+        )
+    return list(rows.values())
+
+
+# ------------------------------------------------------------------ the matrix
 
 
 def run(
@@ -49,11 +265,14 @@ def run(
     check: bool = True,
     lr: float = 0.01,
     wait_quiet: float = 0.0,
+    budget_s: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Run a benchmark matrix; returns ``{"machine", "gemm", "rows"}``.
 
     ``gemm`` maps the thread count (as a string in JSON) to the GEMM peak measurement.
+    After ``budget_s`` seconds (None: never) busy samples are no longer retried and
+    nothing waits for a quiet machine, so a run on a loaded machine still ends in time.
     """
     if any(IMPLS.get(n) and IMPLS[n].family == "torch" for n in impls):
         try:
@@ -68,9 +287,13 @@ def run(
     rows = []
     start = time.perf_counter()
     for i, cfg in enumerate(configs):
+        if budget_s is not None and time.perf_counter() - start > budget_s and max_retries:
+            log(f"over the {budget_s:.0f} s budget: busy samples are no longer retried")
+            max_retries, wait_quiet = 0, 0.0
         log(f"[{i + 1}/{len(configs)}] {cfg.label}")
         wait_for_quiet(wait_quiet, busy_limit, log)
-        got = time_config(
+        timer = time_ce_config if cfg.loss == "cross_entropy" else time_config
+        got = timer(
             cfg,
             impls,
             repeats=repeats,
@@ -113,12 +336,20 @@ def build_parser(prog: str = "tbptt-fast bench") -> argparse.ArgumentParser:
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tiny", action="store_true", help="a few seconds (for tests)")
-    g.add_argument("--quick", action="store_true", help="the default, under 2 minutes")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="the default: about a minute on 2 cores, under 2 minutes on a busy machine",
+    )
     g.add_argument("--full", action="store_true", help="every configuration a target names")
     p.add_argument("--cells", help="comma list, e.g. lstm,gru,rnn_tanh (custom matrix)")
     p.add_argument("--hidden", type=parse_ints, help="comma list of H (= D)")
     p.add_argument("--batch", type=parse_ints, help="comma list of B")
     p.add_argument("--k", type=parse_ks, help="comma list of k1:k2, e.g. 16:16,16:64")
+    p.add_argument(
+        "--loss",
+        help="comma list from mse,cross_entropy (custom matrix; default mse)",
+    )
     p.add_argument("--threads", type=parse_ints, help="comma list of thread counts")
     p.add_argument("--out-size", type=int, default=16, help="readout size O (default 16)")
     p.add_argument(
@@ -141,7 +372,10 @@ def build_parser(prog: str = "tbptt-fast bench") -> argparse.ArgumentParser:
     )
     p.add_argument("--no-check", action="store_true", help="skip the gradient checks")
     p.add_argument("--json", help="write the results as JSON to this path")
-    p.add_argument("--plot", help="write a PNG bar chart (needs matplotlib) to this path")
+    p.add_argument(
+        "--plot",
+        help="write a PNG bar chart to this path (needs matplotlib: pip install 'tbptt-fast[plot]')",
+    )
     return p
 
 
@@ -149,16 +383,21 @@ def configs_from_args(args) -> tuple[list[Config], dict]:
     """The matrix and run options chosen on the command line."""
     preset = PRESETS["tiny" if args.tiny else "full" if args.full else "quick"]
     configs = list(preset["configs"])
-    custom = any(v is not None for v in (args.cells, args.hidden, args.batch, args.k))
+    custom = any(v is not None for v in (args.cells, args.hidden, args.batch, args.k, args.loss))
     if custom:
-        configs = make_matrix(
-            (args.cells or "lstm").split(","),
-            args.hidden or [64],
-            args.batch or [8],
-            args.k or [(16, 16)],
-            args.threads or [1],
-            out=args.out_size,
-        )
+        configs = [
+            c
+            for loss in (args.loss or "mse").split(",")
+            for c in make_matrix(
+                (args.cells or "lstm").split(","),
+                args.hidden or [64],
+                args.batch or [8],
+                args.k or [(16, 16)],
+                args.threads or [1],
+                out=args.out_size,
+                loss=loss.strip(),
+            )
+        ]
     elif args.threads:
         configs = [dataclasses.replace(c, threads=t) for c in configs for t in args.threads]
     if args.out_size != 16 and not custom:
@@ -168,6 +407,7 @@ def configs_from_args(args) -> tuple[list[Config], dict]:
         "repeats": args.repeats or preset["repeats"],
         "sample_s": args.sample_seconds or preset["sample_s"],
         "max_retries": preset["max_retries"] if args.max_retries is None else args.max_retries,
+        "budget_s": preset.get("budget_s"),
     }
     return configs, opts
 
@@ -185,6 +425,10 @@ def run_from_args(args: argparse.Namespace, log: Callable[[str], None] = _log) -
     if bad:
         print(f"unknown implementation(s) {bad}; choose from {', '.join(ALL_IMPLS)}")
         return None
+    losses = {c.loss for c in configs} - {"mse", "cross_entropy"}
+    if losses:
+        print(f"unknown loss(es) {sorted(losses)}; choose from mse,cross_entropy")
+        return None
     return run(
         configs,
         impls,
@@ -197,8 +441,21 @@ def run_from_args(args: argparse.Namespace, log: Callable[[str], None] = _log) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``tbptt-fast bench`` (``python -m tbptt_fast bench``)."""
+    """Entry point of ``tbptt-fast bench`` (``python -m tbptt_fast bench``).
+
+    Exit codes: 0 success, 1 ``--plot`` without matplotlib (checked before anything
+    runs), 2 a usage error."""
     args = build_parser().parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(
+                "tbptt-fast bench: error: --plot needs matplotlib, which is not installed: "
+                "pip install 'tbptt-fast[plot]'",
+                file=sys.stderr,
+            )
+            return 1
     result = run_from_args(args)
     if result is None:
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from .configs import Config
+from .configs import Config, label_of
 from .runners import ALL_IMPLS, TORCH_IMPLS
 
 
@@ -29,12 +29,12 @@ def add_ratios(rows: list[dict], gemm: dict) -> None:
 
 
 RESULT_KEYS = (
-    "cell hidden batch k1 k2 threads dtype out layers impl status message steps_per_call "
+    "cell hidden batch k1 k2 threads dtype out layers loss impl status message steps_per_call "
     "calls samples_s busy retries median_s min_s max_s timesteps_per_s throughput "
     "throughput_min throughput_max gflops busy_max gemm_fraction best_torch vs_best_torch "
     "vs_textbook check_err64 check_err32"
 ).split()
-"""Keys of a row in the JSON (present when they apply; skipped rows have the first 12)."""
+"""Keys of a row in the JSON (present when they apply; skipped rows have the first 13)."""
 
 
 def _fmt(v, spec, none="-"):
@@ -50,7 +50,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     notes = {}
     for r in rows:
-        cfg = f"{r['cell']} H={r['hidden']} B={r['batch']} ({r['k1']},{r['k2']}) t={r['threads']}"
+        cfg = label_of(r)
         if r["status"] == "skipped":
             if "does not apply" not in r["message"]:
                 notes.setdefault(r["message"], []).append(r["impl"])
@@ -78,7 +78,7 @@ def format_table(rows: list[dict]) -> str:
 def write_plot(rows: list[dict], path: str) -> str | None:
     """Grouped bar chart, log scale: throughput per configuration and implementation.
 
-    Returns None, or a message when matplotlib is missing.
+    Returns None, or a message when matplotlib is missing (``main`` checks for it first).
     """
     try:
         import matplotlib
@@ -88,12 +88,11 @@ def write_plot(rows: list[dict], path: str) -> str | None:
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
     ok = [r for r in rows if r["status"] == "ok"]
-    configs = list(
-        dict.fromkeys(
-            f"{r['cell']}\nH={r['hidden']} B={r['batch']}\n({r['k1']},{r['k2']}) t={r['threads']}"
-            for r in ok
-        )
-    )
+
+    def label(r):
+        return label_of(r).replace(" H=", "\nH=").replace(" (", "\n(").replace(" ce", "\nce")
+
+    configs = list(dict.fromkeys(label(r) for r in ok))
     impls = [n for n in ALL_IMPLS if any(r["impl"] == n for r in ok)]
     width = 0.8 / max(1, len(impls))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(configs) + 2), 4.2), dpi=80)
@@ -101,11 +100,7 @@ def write_plot(rows: list[dict], path: str) -> str | None:
         xs, ys, lo, hi = [], [], [], []
         for i, c in enumerate(configs):
             for r in ok:
-                label = (
-                    f"{r['cell']}\nH={r['hidden']} B={r['batch']}\n"
-                    f"({r['k1']},{r['k2']}) t={r['threads']}"
-                )
-                if r["impl"] == name and label == c:
+                if r["impl"] == name and label(r) == c:
                     xs.append(i + (j - (len(impls) - 1) / 2) * width)
                     ys.append(r["throughput"])
                     lo.append(r["throughput"] - r["throughput_min"])
