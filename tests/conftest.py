@@ -27,7 +27,7 @@ CUDA = pytest.param(
 BACKENDS = ["numpy", CPU, CUDA]
 NATIVE_BACKENDS = [CPU, CUDA]
 
-# SPEC section 4
+# the contract (the tolerances)
 TOL = {"float64": 1e-10, "float32": 1e-4}
 
 
@@ -42,7 +42,7 @@ def native_backend(request):
 
 
 def assert_close(a, b, tol, what=""):
-    """SPEC section 4: max|a - b| <= tol * max(1, max|b|); reports the worst entry."""
+    """the contract (the tolerances): max|a - b| <= tol * max(1, max|b|); reports the worst entry."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"

@@ -1,6 +1,6 @@
-"""An independent, literal transcription of SPEC.md used to derive expected values.
+"""An independent, literal transcription of the contract (README) used to derive expected values.
 
-Nothing here imports the package's numerics: the cells are written from SPEC
+Nothing here imports the package's numerics: the cells are written from the contract
 section 1, the losses from section 2, the window rule from section 3 and the
 embedding of token models from section 9, in a form that also accepts complex
 numbers (for complex-step derivatives). The tests compare every backend
@@ -23,7 +23,7 @@ def relu(z):
 
 
 def cell_step(cell, a, u, state):
-    """SPEC section 1: a = x W_ih^T + b_ih, u = h W_hh^T + b_hh, both [B, G*H]."""
+    """the contract (the model): a = x W_ih^T + b_ih, u = h W_hh^T + b_hh, both [B, G*H]."""
     H = state[0].shape[1]
     if cell == "rnn_tanh":
         return (np.tanh(a + u),)
@@ -49,12 +49,12 @@ def cell_step(cell, a, u, state):
 
 
 def has_cell_state(cell):
-    """SPEC section 3: the state is (h, c) for lstm and cifg, else h."""
+    """the contract (the schedule): the state is (h, c) for lstm and cifg, else h."""
     return cell in ("lstm", "cifg")
 
 
 def step_loss(loss, y, target):
-    """SPEC section 2, per batch element: [B]."""
+    """the contract (the loss), per batch element: [B]."""
     if loss == "mse":
         return np.mean((y - target) ** 2, axis=1)
     rows = np.arange(y.shape[0])
@@ -62,14 +62,14 @@ def step_loss(loss, y, target):
 
 
 def window_w(t, t_prev, k1, k2):
-    """SPEC section 3."""
+    """the contract (the schedule)."""
     if k2 is None:
         return 0
     return max(0, t - k2, t_prev - max(0, k2 - k1))
 
 
 def is_ids(x) -> bool:
-    """SPEC section 9: a token model's x holds integer ids."""
+    """the contract (token inputs): a token model's x holds integer ids."""
     return np.issubdtype(np.asarray(x).dtype, np.integer)
 
 
@@ -195,10 +195,10 @@ def block_loss(rec: Recording, theta, theta_now, t, t_prev, w, loss, rule):
     rule="stored": each step is the first-order expansion of the cell around
     its stored activations (computed with the weights of its time), in which
     every product uses ``theta``: its gradient at the current weights is, by
-    construction, the stored rule of SPEC section 3. A token model's layer-0
+    construction, the stored rule of the contract (the schedule). A token model's layer-0
     input is then the stored one moved by the change of the embedding rows
     from ``theta_now`` (so its gradient is the layer-0 input gradient,
-    summed into the rows used: SPEC section 9). ``theta_now`` are the
+    summed into the rows used: the contract (token inputs)). ``theta_now`` are the
     parameters at the update (where the gradient is taken).
     """
     h_top = {}

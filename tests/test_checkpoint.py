@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC section 10): resume equals the uninterrupted run, saves are
+"""Checkpoints (contract: checkpoints): resume equals the uninterrupted run, saves are
 atomic, and every damaged or foreign file is refused with a ValueError naming it."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Case:
     initial_state: bool = False
     clip: float | None = None
     dtype: str = "float32"
-    retune: bool = False  # change the learning rate after the first part (SPEC 11)
+    retune: bool = False  # change the learning rate after the first part (optimizer changes)
 
 
 CASES = {
@@ -178,7 +178,7 @@ CROSS = [
 @pytest.mark.parametrize(("src", "dst"), CROSS)
 def test_resume_across_backends(src, dst, cell, case_id, tmp_path):
     """Saved on one backend, continued on another: equals the uninterrupted run on
-    the other within SPEC section 4 tolerances."""
+    the other within the contract (the tolerances) tolerances."""
     case = CASES[case_id]
     data = _data(case)
     twin = _make(case, dst, cell)

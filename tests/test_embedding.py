@@ -1,4 +1,4 @@
-"""Token inputs (SPEC section 9): Model(..., vocab_size=V), the embedding and its gradient."""
+"""Token inputs (contract: token inputs): Model(..., vocab_size=V), the embedding and its gradient."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every update's gradient against an independent derivation (float64).
 
-For each update at step t, SPEC section 3 defines Loss_P as a function of the
-parameters; ``independent.block_loss`` writes that function from SPEC alone
+For each update at step t, the contract (the schedule) defines Loss_P as a function of the
+parameters; ``independent.block_loss`` writes that function from the contract alone
 and central finite differences give its gradient. The recompute rule (and
 every k2 <= k1 case) is the exact function on the re-run window; the stored
 rule for k2 > k1 is the first-order expansion around the stored activations.
@@ -201,7 +201,7 @@ def test_rules_agree_without_learning_and_differ_with_it(backend):
 
 @pytest.mark.parametrize("cell", tb.CELLS)
 def test_outputs_follow_spec_gate_order(backend, cell):
-    """The forward pass of every cell against the literal SPEC transcription."""
+    """The forward pass of every cell against the literal transcription of the contract."""
     from independent import forward, zero_state
 
     T, B, D, H, O, L = 5, 3, 2, 4, 2, 2

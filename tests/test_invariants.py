@@ -1,4 +1,4 @@
-"""Invariants of the schedule (SPEC section 3) that hold on every backend."""
+"""Invariants of the schedule (contract: the schedule) that hold on every backend."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Randomised battery: every native backend against the NumPy reference (SPEC section 4).
+"""Randomised battery: every native backend against the NumPy reference (contract: the tolerances).
 
 Hypothesis draws configurations (seeded, so a run is reproducible) and the
 native engine must agree with ``backend="numpy"`` on losses, update steps,

@@ -1,7 +1,7 @@
 """The native build itself: tbptt_fast._core loads, reports its build, drives the
 scipy-openblas32 thread pool (visible to threadpoolctl), maps native errors to
 Python exceptions, and its Engine matches reference.Engine through the raw
-engine interface (SPEC section 4 tolerances), including float64 finite
+engine interface (the contract (the tolerances) tolerances), including float64 finite
 differences and ring-capacity invariance.
 """
 

@@ -141,7 +141,7 @@ def test_optimizer_config_is_validated():
         tb.Adam(lr="fast")
 
 
-# -- changing the optimizer between calls (SPEC section 11) ------------------------------------
+# -- changing the optimizer between calls (contract: optimizer changes) ------------------------------------
 FIELD_CASES = [
     (tb.SGD(lr=0.1), "lr", -0.5, ValueError, "SGD lr must be a finite number >= 0"),
     (tb.SGD(lr=0.1), "lr", float("nan"), ValueError, "SGD lr"),

@@ -1,4 +1,4 @@
-"""Model.predict and Model.evaluate (SPEC section 8) on every backend."""
+"""Model.predict and Model.evaluate (contract: forward-only use) on every backend."""
 
 from __future__ import annotations
 

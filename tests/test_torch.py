@@ -167,7 +167,7 @@ def test_loads_a_torch_state_dict_and_initial_state(backend):
         assert_close(tr.state[k][1], cT[k].numpy(), 1e-10, "c")
 
 
-# -- token models (SPEC section 9): nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear ----------------
+# -- token models (contract: token inputs): nn.Embedding + nn.LSTM/GRU/RNN + nn.Linear ----------------
 def _torch_token_model(cell, V, D, H, O, L, sd):
     emb = torch.nn.Embedding(V, D, dtype=torch.float64)
     emb.load_state_dict({"weight": torch.from_numpy(sd["embedding.weight"])})
@@ -266,7 +266,7 @@ def test_embedding_recompute_loop(backend, cell, k1, k2):
     _compare(res, model, losses, grads, _token_params(emb, rnn, lin))
 
 
-# -- the optimizer changed between calls (SPEC section 11) --------------------------------------
+# -- the optimizer changed between calls (contract: optimizer changes) --------------------------------------
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_lr_change_equals_a_param_group_change(backend, kind):
     """lr halved (and, for SGD, momentum changed) after two updates, as setting

@@ -1,4 +1,4 @@
-"""``tbptt_fast.torch.TBPTT`` (SPEC section 12) against pure-PyTorch TBPTT loops.
+"""``tbptt_fast.torch.TBPTT`` (contract: the PyTorch bridge) against pure-PyTorch TBPTT loops.
 
 The loops below are what a PyTorch user writes by hand: the detach loop (carry the
 state, cut it where the window starts) for k2 <= k1, and the re-run-the-window loop

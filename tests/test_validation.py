@@ -1,4 +1,4 @@
-"""SPEC section 6: every bad input gets a clear exception, and nothing changes."""
+"""the contract (bad input): every bad input gets a clear exception, and nothing changes."""
 
 from __future__ import annotations
 

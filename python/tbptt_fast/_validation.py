@@ -1,4 +1,4 @@
-"""The one validation layer (SPEC section 6) every backend goes through.
+"""The one validation layer (contract: bad input) every backend goes through.
 
 Every check names the argument, says what was expected and what was received,
 and runs before anything changes. Engines trust what passes here.
@@ -109,7 +109,7 @@ def integer_layout(name, a: np.ndarray, expected, labels, what: str) -> None:
 
 def token_ids(name, value, expected, labels, vocab_size: int, *, offset=None) -> np.ndarray:
     """Integer token ids in [0, vocab_size) of the expected shape, as C-contiguous int64
-    (SPEC section 9: a non-integer array is a TypeError, an id out of range a ValueError)."""
+    (the contract (token inputs): a non-integer array is a TypeError, an id out of range a ValueError)."""
     a = _to_numpy(value)
     integer_layout(name, a, expected, labels, f"of token ids in [0, {vocab_size})")
     if 0 in a.shape:

@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC section 10): one versioned, checksummed file for a trainer or a model.
+"""Checkpoints (contract: checkpoints): one versioned, checksummed file for a trainer or a model.
 
 The file
 --------

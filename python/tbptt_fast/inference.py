@@ -1,4 +1,4 @@
-"""Using a model forward only: ``Model.predict`` and ``Model.evaluate`` (SPEC section 8).
+"""Using a model forward only: ``Model.predict`` and ``Model.evaluate`` (contract: forward-only use).
 
 Both run the engines' ``forward`` (which never touches any training state)
 over the sequence in chunks of :data:`CHUNK` steps, carrying the state from
@@ -54,7 +54,7 @@ class EvalResult:
     """What :meth:`Model.evaluate` returns.
 
     Attributes:
-        loss: mean per-pair loss (SPEC section 2) over the unmasked pairs,
+        loss: mean per-pair loss (contract: the loss) over the unmasked pairs,
             summed in float64; 0.0 if there is none.
         count: the number of unmasked pairs.
         accuracy: cross_entropy: the share of unmasked pairs whose argmax

@@ -1,4 +1,4 @@
-"""Per-step losses (SPEC section 2): values and their gradients with respect to the outputs."""
+"""Per-step losses (contract: the loss): values and their gradients with respect to the outputs."""
 
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ class Model:
             trainer._engine.push_params()
 
     def predict(self, x, state=None, resets=None, backend: str = "cpu", batch_first: bool = False):
-        """The model's readout outputs on a sequence, forward only (SPEC section 8).
+        """The model's readout outputs on a sequence, forward only (contract: forward-only use).
 
         Args:
             x: [T, B, D] floating input (cast to the model dtype), or integer
@@ -224,7 +224,7 @@ class Model:
         backend: str = "cpu",
         batch_first: bool = False,
     ):
-        """The mean per-pair loss on a sequence, forward only, streamed (SPEC section 8).
+        """The mean per-pair loss on a sequence, forward only, streamed (contract: forward-only use).
 
         Args:
             x, state, resets, backend, batch_first: as :meth:`predict`.
@@ -236,7 +236,7 @@ class Model:
 
         Returns:
             :class:`EvalResult`: ``loss`` (float, the mean of the per-pair loss
-            of SPEC section 2 over unmasked pairs, summed in float64; 0.0 if
+            of the contract (the loss) over unmasked pairs, summed in float64; 0.0 if
             none), ``count`` (int, the unmasked pairs), ``accuracy`` (float,
             cross_entropy only: the share of unmasked pairs whose argmax is the
             target, 0.0 if none; None for mse) and ``state`` (the final state).
@@ -258,7 +258,7 @@ class Model:
 
     # -- checkpoints ----------------------------------------------------------------
     def save(self, path) -> None:
-        """Save the architecture and the current parameters to ``path`` (SPEC section 10).
+        """Save the architecture and the current parameters to ``path`` (contract: checkpoints).
 
         The write is atomic; the format is described in :mod:`tbptt_fast.checkpoint`.
         """

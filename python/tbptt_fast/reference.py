@@ -71,7 +71,7 @@ __all__ = [
 
 
 def param_names(num_layers: int, embedding: bool = False) -> list[str]:
-    """Parameter names in canonical order (PyTorch's names, SPEC sections 1 and 9).
+    """Parameter names in canonical order (PyTorch's names, the contract (the model, token inputs)).
 
     With ``embedding`` the first is ``embedding.weight`` (``nn.Embedding``'s name).
     """
@@ -82,7 +82,7 @@ def param_names(num_layers: int, embedding: bool = False) -> list[str]:
 
 
 def window_start(t: int, t_prev: int, k1: int, k2: int | None) -> int:
-    """``w`` of SPEC section 3: the gradient flows back through steps (w, t].
+    """``w`` of the contract (the schedule): the gradient flows back through steps (w, t].
 
     ``t`` is the step of this update, ``t_prev`` that of the previous one (0 if
     none); ``k2=None`` is unbounded (w = 0).
@@ -208,7 +208,7 @@ def _cifg_backward(cache, state, d_state):
 
 @dataclass(frozen=True)
 class CellDef:
-    """One cell of SPEC section 1.
+    """One cell of the contract (the model).
 
     gates: G, gate blocks per hidden unit (in the parameters' row order);
     states: 1 (state ``(h,)``) or 2 (``(h, c)``); forward and backward: one
@@ -417,7 +417,7 @@ class Engine:
         return rec
 
     def _trim(self) -> None:
-        """Drop the records no future update can need (SPEC: ring of max(k1, k2))."""
+        """Drop the records no future update can need (ring of max(k1, k2))."""
         if self.k2 is None:
             return
         # every later update has w >= max(t - k2, t' - max(0, k2 - k1)), and needs the block (t', t]
@@ -443,7 +443,7 @@ class Engine:
         return out
 
     def _gradient(self) -> tuple[float, list[np.ndarray]]:
-        """Loss_P and its gradient for an update at step t (SPEC section 3)."""
+        """Loss_P and its gradient for an update at step t (contract: the schedule)."""
         t, t_prev = self.t, self.t_prev
         w = window_start(t, t_prev, self.k1, self.k2)
         by_step = {r.s: r for r in self.history}

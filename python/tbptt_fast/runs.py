@@ -3,7 +3,7 @@ checkpoints that hold the run's progress, and the reports.
 
 :class:`Run` trains one configuration (one k2) over the task's streams in chunks
 of steps (a multiple of k1). Between chunks it sets the learning rate of the
-schedule (``trainer.optimizer.lr``, SPEC section 11), validates on the held-out
+schedule (``trainer.optimizer.lr``, the contract (optimizer changes)), validates on the held-out
 streams with ``Model.evaluate`` (which changes nothing), and writes checkpoints.
 Everything that decides the result is a function of the configuration and the
 chunk index, so a run resumed from any chunk boundary ends exactly as an

@@ -1,4 +1,4 @@
-"""Train a PyTorch model with this engine: ``nn.LSTM/GRU/RNN`` + ``nn.Linear`` (SPEC section 12).
+"""Train a PyTorch model with this engine: ``nn.LSTM/GRU/RNN`` + ``nn.Linear`` (contract: the PyTorch bridge).
 
 >>> import torch
 >>> from tbptt_fast.torch import TBPTT
@@ -9,7 +9,7 @@
 
 The runner drives the C++ engine over the modules' own parameter memory (NumPy
 views of the CPU tensors, no copies): the engine runs the forward pass and, at
-every update of the TBPTT(k1, k2) schedule (SPEC section 3), computes the
+every update of the TBPTT(k1, k2) schedule (contract: the schedule), computes the
 gradient; the runner writes it into each parameter's ``.grad``, optionally clips
 it with ``torch.nn.utils.clip_grad_norm_``, and calls ``optimizer.step()``, so
 any ``torch.optim`` optimizer (and any scheduler, stepped in ``on_update``)
@@ -154,8 +154,8 @@ class TBPTT:
     """TBPTT(k1, k2) training of a PyTorch ``nn.LSTM/GRU/RNN`` + ``nn.Linear`` by the C++ engine.
 
     Every ``k1`` steps (and on a flush) the engine backpropagates the loss of
-    the steps since the previous update through the last ``k2`` steps (SPEC
-    section 3); the runner then writes that gradient into each parameter's
+    the steps since the previous update through the last ``k2`` steps (the contract:
+    the schedule); the runner then writes that gradient into each parameter's
     ``.grad`` (replacing it; parameters with ``requires_grad=False`` get
     ``None``), clips it if asked (``torch.nn.utils.clip_grad_norm_`` over the
     parameters with a gradient), calls ``optimizer.step()`` and then

@@ -1,4 +1,4 @@
-"""The trainer: TBPTT(k1, k2) over a stream, on any backend (SPEC sections 3, 4 and 7)."""
+"""The trainer: TBPTT(k1, k2) over a stream, on any backend (contract: the schedule, the tolerances, the Python surface)."""
 
 from __future__ import annotations
 
@@ -478,7 +478,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------
     def save(self, path) -> None:
-        """Save everything needed to continue training to ``path`` (SPEC section 10).
+        """Save everything needed to continue training to ``path`` (contract: checkpoints).
 
         The checkpoint (see :mod:`tbptt_fast.checkpoint`) holds the model, the
         optimizer and its state, the configuration, the step count, the pending
