@@ -17,6 +17,8 @@ import ctypes
 import importlib.util
 import os
 
+import numpy as np
+
 core = None
 import_error: str | None = None
 _blas: ctypes.CDLL | None = None
@@ -61,6 +63,8 @@ _load()
 
 def set_num_threads(n: int) -> None:
     """Set the OpenBLAS thread count used by the native CPU engine."""
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int >= 1, got {type(n).__name__}")
     n = int(n)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

@@ -21,6 +21,8 @@ def check_k(name: str, value, *, allow_none: bool = False) -> int | None:
         raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
+    if value >= 2**63:  # what the engines' 64-bit step counts hold
+        raise ValueError(f"{name} must be < 2**63, got {value}")
     return int(value)
 
 
@@ -84,19 +86,26 @@ def float_array(
     """
     a = _to_numpy(value)
     float_layout(name, a, expected, labels)
+    # checked after the cast: a value too large for ``dtype`` becomes Inf there
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(a, dtype=dtype)
     # in slices along the first axis, so a long sequence needs no full-size temporary
-    step = max(1, (1 << 20) // max(1, a[0].size))
-    for lo in range(0, a.shape[0], step):
-        ok = np.isfinite(a[lo : lo + step])
+    step = max(1, (1 << 20) // max(1, out[0].size))
+    for lo in range(0, out.shape[0], step):
+        ok = np.isfinite(out[lo : lo + step])
         if finite_where is not None:
             ok |= ~finite_where[lo : lo + step]
         if not ok.all():
             bad = tuple(int(i) for i in np.argwhere(~ok)[0])
             bad = (bad[0] + lo, *bad[1:])
-            raise ValueError(
-                f"{name} must be finite, found {a[bad]} at index {_shifted(bad, offset)}"
-            )
-    return np.ascontiguousarray(a, dtype=dtype)
+            where = f"at index {_shifted(bad, offset)}"
+            if np.isfinite(a[bad]):
+                raise ValueError(
+                    f"{name} must be finite in the model dtype {np.dtype(dtype)}, "
+                    f"found {a[bad]} {where}, which overflows to Inf in that dtype"
+                )
+            raise ValueError(f"{name} must be finite, found {a[bad]} {where}")
+    return out
 
 
 def integer_layout(name, a: np.ndarray, expected, labels, what: str) -> None:

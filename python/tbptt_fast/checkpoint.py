@@ -211,6 +211,11 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     p = os.fspath(path)
     with open(p, "rb") as f:
         data = f.read()
+    return read_bytes(data, p)
+
+
+def read_bytes(data: bytes, p: str = "<bytes>") -> tuple[dict, dict[str, np.ndarray]]:
+    """:func:`read` of a checkpoint held in memory (``p`` names it in messages)."""
     if not data:
         raise _refuse(p, "empty file, not a tbptt_fast checkpoint")
     tail = len(_TRAILER) + _DIGEST_LEN
@@ -394,6 +399,11 @@ def _json_scalar(v):
 
 def save_trainer(trainer, path) -> None:
     """Save everything ``trainer`` needs to continue to ``path`` atomically (``Trainer.save``)."""
+    write_atomic(path, dumps_trainer(trainer))
+
+
+def dumps_trainer(trainer) -> bytes:
+    """The checkpoint of ``trainer`` as bytes (what :func:`save_trainer` writes)."""
     sync = getattr(trainer, "_sync_optimizer", None)
     if sync is not None:  # optimizer fields changed since the last call reach the engine now
         sync()
@@ -425,7 +435,7 @@ def save_trainer(trainer, path) -> None:
         "optimizer": opt,
         "engine": engine,
     }
-    write(path, manifest, arrays)
+    return pack(manifest, arrays)
 
 
 def _build_optimizer(p: str, o: dict):
@@ -479,12 +489,27 @@ def load_trainer(path, backend: str | None = None):
     its model, on ``backend`` (default: the backend it was saved from)."""
     from . import _validation as V
     from ._backend import BACKENDS
-    from .trainer import Trainer
 
     if backend is not None:
         V.check_choice("backend", backend, BACKENDS)
     p = os.fspath(path)
-    manifest, arrays = read(p)
+    return _trainer_from(p, *read(p), backend)
+
+
+def loads_trainer(data: bytes, backend: str | None = None):
+    """The trainer of a checkpoint held in memory (from :func:`dumps_trainer`)."""
+    from . import _validation as V
+    from ._backend import BACKENDS
+
+    if backend is not None:
+        V.check_choice("backend", backend, BACKENDS)
+    return _trainer_from("<bytes>", *read_bytes(data), backend)
+
+
+def _trainer_from(p: str, manifest: dict, arrays: dict, backend: str | None):
+    from ._backend import BACKENDS
+    from .trainer import Trainer
+
     if _kind(p, manifest) != "trainer":
         raise _refuse(
             p,

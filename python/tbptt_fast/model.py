@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import numpy as np
@@ -39,6 +40,14 @@ def _to_numpy(value) -> np.ndarray:
             "copy it to the host first (e.g. CuPy's .get())"
         )
     return np.asarray(value)
+
+
+def _memory_bytes() -> int:
+    """This machine's physical memory in bytes (2**48 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**48
 
 
 class Model:
@@ -87,6 +96,8 @@ class Model:
         self.output_size = _positive_int("output_size", output_size)
         self.num_layers = _positive_int("num_layers", num_layers)
         self.vocab_size = None if vocab_size is None else _positive_int("vocab_size", vocab_size)
+        if dtype is None:  # np.dtype(None) would be float64
+            raise TypeError("dtype must be 'float32' or 'float64', got None")
         try:
             dt = np.dtype(dtype)
         except TypeError:
@@ -94,6 +105,7 @@ class Model:
         if dt is None or dt.name not in DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype = dt.name
+        self._check_size(dt.itemsize)
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(self.hidden_size)
         self._params = {}
@@ -106,6 +118,48 @@ class Model:
         self._version = 0  # bumped by load_state_dict; trainers re-check finiteness then
         self._trainers = weakref.WeakSet()  # trainers whose device copies must follow
         self._forward_engines = {}  # backend -> the engine of predict / evaluate
+
+    def _check_size(self, itemsize: int) -> None:
+        """Refuse, before anything is allocated, parameters larger than this
+        machine's memory (counted without building the per-layer table)."""
+        G, H, D, O, L = (
+            self.gates,
+            self.hidden_size,
+            self.input_size,
+            self.output_size,
+            self.num_layers,
+        )
+        count = G * H * (D + H + 2) + (L - 1) * G * H * (2 * H + 2) + O * (H + 1)
+        count += (self.vocab_size or 0) * D
+        limit = _memory_bytes()
+        if count * itemsize > limit:
+            raise ValueError(
+                f"the model's parameters need {count} values ({count * itemsize} bytes), more "
+                f"than this machine's memory ({limit} bytes): num_layers={L}, "
+                f"hidden_size={H}, input_size={D}, output_size={O}, vocab_size={self.vocab_size}"
+            )
+
+    # -- copying: the parameters and the configuration; not the trainers using the
+    # model nor the cached forward engines (a copy starts without them)
+    def __getstate__(self) -> dict:
+        self._sync_from_devices()  # a cuda trainer's parameters, into the model's arrays
+        state = dict(self.__dict__)
+        state.pop("_trainers", None)
+        state.pop("_forward_engines", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # fresh arrays of the canonical dtype object (an unpickled dtype is equal
+        # but not identical to it, and the native engines compare by identity)
+        params = {}
+        for name, a in self._params.items():
+            out = np.empty(np.shape(a), dtype=self.dtype)
+            np.copyto(out, a)
+            params[name] = out
+        self._params = params
+        self._trainers = weakref.WeakSet()
+        self._forward_engines = {}
 
     @property
     def gates(self) -> int:

@@ -163,7 +163,7 @@ class Adam(_Optimizer):
 
     lr = _field("lr", "Learning rate (float >= 0).")
     betas = _field("betas", "(beta1, beta2), each in [0, 1).")
-    eps = _field("eps", "Added to the denominator (float >= 0).")
+    eps = _field("eps", "Added to the denominator (float > 0).")
     weight_decay = _field("weight_decay", "L2 penalty added to the gradient (float >= 0).")
 
     def __init__(
@@ -190,7 +190,13 @@ class Adam(_Optimizer):
         return (b1, b2)
 
     def _check_eps(self, value) -> float:
-        return _check_number("Adam eps", value)
+        eps = _check_number("Adam eps", value)
+        if eps == 0.0:
+            raise ValueError(
+                "Adam eps must be > 0, got 0.0: with eps = 0 a parameter whose gradient "
+                "is zero (e.g. a block with every target masked) gets 0/0 = NaN"
+            )
+        return eps
 
     def _check_weight_decay(self, value) -> float:
         return _check_number("Adam weight_decay", value)

@@ -46,6 +46,7 @@ Shapes: T steps, B batch, D input, H hidden, G gates (1 rnn, 4 lstm i,f,g,o,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -518,9 +519,39 @@ class Engine:
         reported = [g.copy() for g in grads] if return_grads else None
         if self.cfg.clip > 0:
             clip_grad_norm(grads, self.cfg.clip)
-        self.step_fn(self.params, grads, self.opt_state, self.opt_cfg)
-        self._trim()
-        return loss, t, reported
+        # the optimizer step changes the parameters and its state in place: an
+        # interrupt (KeyboardInterrupt) inside it puts both back as they were
+        params_before = [p.copy() for p in self.params]
+        opt_before = copy.deepcopy(self.opt_state)
+        try:
+            self.step_fn(self.params, grads, self.opt_state, self.opt_cfg)
+        except BaseException:
+            for p, b in zip(self.params, params_before, strict=True):
+                np.copyto(p, b)
+            self.opt_state = opt_before
+            raise
+        return loss, t, reported  # the caller trims the history
+
+    def _mark(self) -> tuple:
+        """What :meth:`_rollback` restores: the stream position (steps, the
+        previous update, the forward state, the stored history)."""
+        return self.t, self.t_prev, self.cur, list(self.history)
+
+    def _rollback(self, mark: tuple) -> None:
+        self.t, self.t_prev, self.cur, self.history = mark
+
+    def _atomic(self, mark: tuple, fn, *args):
+        """``fn(*args)`` (a step and/or an update); an exception other than
+        NonFiniteError (an interrupt) puts the stream back at ``mark``, the
+        update's parameters and optimizer state back too (see :meth:`_update`):
+        the trainer stays positioned after the last completed step."""
+        try:
+            return fn(*args)
+        except NonFiniteError:
+            raise  # the step is kept and the block consumed, as documented
+        except BaseException:
+            self._rollback(mark)
+            raise
 
     # -- public entry points -----------------------------------------------------
     def run(self, x, target, mask, resets, flush, return_grads, return_outputs, on_update=None):
@@ -538,9 +569,10 @@ class Engine:
         losses, steps, grads, outputs = [], [], [], []
         B = x.shape[1]
 
-        def update() -> bool:
+        def update(mark) -> bool:
             """One update; False when on_update asks to stop."""
-            loss, t, g = self._update(return_grads)
+            loss, t, g = self._atomic(mark, self._update, return_grads)
+            self._trim()
             losses.append(loss)
             steps.append(t)
             grads.append(g)
@@ -551,17 +583,22 @@ class Engine:
         for s in range(x.shape[0]):
             mask_s = np.ones(B, self.dtype) if mask is None else mask[s]
             reset_s = np.zeros(B, bool) if resets is None else resets[s].astype(bool)
-            rec = self._step(x[s], target[s], mask_s, reset_s)
-            if return_outputs:
-                outputs.append(rec.y)
+            mark = self._mark()
+            rec = self._atomic(mark, self._step, x[s], target[s], mask_s, reset_s)
             if self.pending == self.k1:
-                if not update():
+                # an interrupt in the update undoes this step too: the next
+                # fit runs it again and updates there, as an uninterrupted one
+                if not update(mark):
+                    if return_outputs:
+                        outputs.append(rec.y)
                     flush = False  # stop right after this update
                     break
             else:
                 self._trim()
+            if return_outputs:
+                outputs.append(rec.y)
         if flush and self.pending > 0:
-            update()
+            update(self._mark())
         return (
             np.array(losses, dtype=self.dtype),
             np.array(steps, dtype=np.int64),
@@ -620,7 +657,8 @@ class Engine:
                 None,
             )
         with np.errstate(all="ignore"):
-            loss, t, g = self._update(return_grads)
+            loss, t, g = self._atomic(self._mark(), self._update, return_grads)
+            self._trim()
         return (
             np.array([loss], self.dtype),
             np.array([t], np.int64),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,6 +25,10 @@ __all__ = ["FitResult", "NonFiniteError", "Trainer", "UpdateInfo"]
 
 LOSSES = ("mse", "cross_entropy")
 OVERLAPS = ("stored", "recompute")
+BUSY = (
+    "this trainer is busy in another call (another thread, or a callback of "
+    "its own fit): a trainer is not thread-safe, use one per thread"
+)
 
 
 @dataclass
@@ -54,6 +61,17 @@ def _update_callback(on_update, after):
         return not (result is False or (isinstance(result, np.bool_) and not result))
 
     return call
+
+
+def _one_call(method):
+    """A Trainer method that uses the engine: one such call at a time."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._exclusive():
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class _SameAsK1:
@@ -178,7 +196,21 @@ class Trainer:
         self._engine = make_engine(self.backend, self._engine_config, model.param_list())
         self._batch = None  # batch size of the stream, once known
         self._last_batch = None  # the last batch size seen, kept across resets
+        self._busy = threading.Lock()  # held by every call that uses the engine
         model._trainers.add(self)
+
+    # -- one call at a time ----------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self):
+        """Held for the whole of a call that uses the engine: a second thread (or
+        a re-entrant call from ``on_update``) gets a clear error, never a race
+        (the native engines' own check says the same)."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(BUSY)
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # -- validation ---------------------------------------------------------------
     def _check_params(self) -> None:
@@ -322,6 +354,7 @@ class Trainer:
         return fn(*args)
 
     # -- public API ---------------------------------------------------------------
+    @_one_call
     def fit(
         self,
         x,
@@ -373,6 +406,10 @@ class Trainer:
         nothing changes. A non-finite loss or gradient raises
         :class:`NonFiniteError` naming the update step.
         """
+        # every argument, flags included, is checked before anything changes
+        flush = V.check_bool("flush", flush)
+        return_grads = V.check_bool("return_grads", return_grads)
+        return_outputs = V.check_bool("return_outputs", return_outputs)
         data = self._check_data(x, target, mask, resets, step=False)
         batch = data.batch
         init = None
@@ -406,6 +443,7 @@ class Trainer:
             outputs=outputs if return_outputs else None,
         )
 
+    @_one_call
     def step(self, x_t, target_t, mask_t=None, reset_t=None) -> float | None:
         """Streaming: run one step; returns the update's loss if one happened, else None.
 
@@ -421,6 +459,7 @@ class Trainer:
         losses, _, _, _ = self._run_data(data, False, False, False)
         return float(losses[0]) if len(losses) else None
 
+    @_one_call
     def flush(self) -> float | None:
         """Update on the pending partial block; returns its loss, or None if nothing was pending."""
         self._check_params()
@@ -428,6 +467,7 @@ class Trainer:
         losses, _, _, _ = self._run(self._engine.flush, False)
         return float(losses[0]) if len(losses) else None
 
+    @_one_call
     def reset_state(self, initial_state=None) -> None:
         """Trainer-level reset: step count 0, pending block and history discarded,
         state back to ``initial_state`` (zeros if None). The optimizer state is kept."""
@@ -476,7 +516,20 @@ class Trainer:
             f"{', batch_first=True' if self.batch_first else ''})"
         )
 
+    # -- copying ----------------------------------------------------------------------
+    def __reduce__(self):
+        """Pickling, ``copy.deepcopy`` and ``copy.copy`` go through the checkpoint
+        format: the copy is an independent trainer with its own model (a copy of
+        this one's), optimizer and engine state, continuing exactly as this one
+        would; this trainer is untouched."""
+        from .checkpoint import dumps_trainer
+
+        with self._exclusive():
+            data = dumps_trainer(self)
+        return (_trainer_from_checkpoint, (data, self.backend))
+
     # -- checkpoints ----------------------------------------------------------------
+    @_one_call
     def save(self, path) -> None:
         """Save everything needed to continue training to ``path`` (contract: checkpoints).
 
@@ -507,3 +560,10 @@ class Trainer:
         from .checkpoint import load_trainer
 
         return load_trainer(path, backend)
+
+
+def _trainer_from_checkpoint(data: bytes, backend: str) -> Trainer:
+    """Unpickling a :class:`Trainer` (see ``Trainer.__reduce__``)."""
+    from .checkpoint import loads_trainer
+
+    return loads_trainer(data, backend)
