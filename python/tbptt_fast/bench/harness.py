@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,11 +39,18 @@ import numpy as np
 import tbptt_fast as tb
 
 from .checks import max_rel_err
-from .configs import PRESETS, Config, flops_per_step, make_matrix, parse_ints, parse_ks
+from .configs import PRESETS, Config, make_matrix, parse_ints, parse_ks
 from .peers import torch_loops
 from .report import add_ratios, report
 from .runners import ALL_IMPLS, IMPLS, make_params, unavailable_reason
-from .timing import NoiseMeter, gemm_peak, machine_info, set_threads, time_config, wait_for_quiet
+from .timing import (
+    gemm_peak,
+    machine_info,
+    sample_runners,
+    set_threads,
+    time_config,
+    wait_for_quiet,
+)
 
 # ------------------------------------------------------------------ cross-entropy rows
 
@@ -202,52 +208,8 @@ def time_ce_config(
     warm = -(-warm // cfg.k1) * cfg.k1
     x, target = ce_data(cfg, max(warm, -(-4096 // cfg.k1) * cfg.k1))
     params = make_params(cfg)
-    runners, plan = {}, {}
-    for name in live:
-        runners[name] = CE_IMPLS[name][0](cfg, params, lr)
-        t0 = time.perf_counter()
-        runners[name].fit(x[:warm], target[:warm])
-        rate = warm / max(time.perf_counter() - t0, 1e-9)
-        steps = min(x.shape[0], max(warm, -(-int(rate * sample_s) // cfg.k1) * cfg.k1))
-        plan[name] = (steps, max(1, round(rate * sample_s / steps)))
-        rows[name].update(
-            steps_per_call=steps, calls=plan[name][1], samples_s=[], busy=[], retries=0
-        )
-    meter = NoiseMeter()
-    for rep in range(repeats):
-        for name in live if rep % 2 == 0 else live[::-1]:
-            steps, calls = plan[name]
-            best = None
-            for attempt in range(max_retries + 1):
-                meter.start()
-                for _ in range(calls):
-                    runners[name].fit(x[:steps], target[:steps])
-                wall, busy = meter.stop()
-                if best is None or busy < best[1]:
-                    best = (wall, busy)
-                if busy <= busy_limit:
-                    break
-                rows[name]["retries"] += 1
-                if attempt < max_retries:
-                    time.sleep(0.2)
-            rows[name]["samples_s"].append(best[0])
-            rows[name]["busy"].append(best[1])
-    for name in live:
-        row = rows[name]
-        steps, calls = plan[name]
-        work = steps * calls
-        med = statistics.median(row["samples_s"])
-        row.update(
-            median_s=med,
-            min_s=min(row["samples_s"]),
-            max_s=max(row["samples_s"]),
-            timesteps_per_s=work / med,
-            throughput=work * cfg.batch / med,
-            throughput_min=work * cfg.batch / max(row["samples_s"]),
-            throughput_max=work * cfg.batch / min(row["samples_s"]),
-            gflops=flops_per_step(cfg) * work / med / 1e9,
-            busy_max=max(row["busy"]),
-        )
+    runners = {name: CE_IMPLS[name][0](cfg, params, lr) for name in live}
+    sample_runners(cfg, runners, rows, x, target, warm, sample_s, repeats, max_retries, busy_limit)
     return list(rows.values())
 
 

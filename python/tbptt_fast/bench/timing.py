@@ -230,9 +230,31 @@ def time_config(
     data_steps = min(cap, _round_up(8192, cfg.k1))
     x, target = make_data(cfg, max(data_steps, warm_steps))
     params = make_params(cfg)
-    runners, plan = {}, {}
+    runners = {name: IMPLS[name].build(cfg, params, lr) for name in live}
+    sample_runners(
+        cfg, runners, rows, x, target, warm_steps, sample_s, repeats, max_retries, busy_limit
+    )
+    return list(rows.values())
+
+
+def sample_runners(
+    cfg: Config,
+    runners: dict,
+    rows: dict,
+    x,
+    target,
+    warm_steps: int,
+    sample_s: float,
+    repeats: int,
+    max_retries: int,
+    busy_limit: float,
+) -> None:
+    """Time each runner (``name -> object with fit(x, target)``) on the same data:
+    a warm-up sets each one's sample length, then ``repeats`` samples in
+    alternating order, each retried on a busy machine; fills ``rows[name]``
+    with the samples and the throughput figures (see ``report.RESULT_KEYS``)."""
+    live, plan = list(runners), {}
     for name in live:
-        runners[name] = IMPLS[name].build(cfg, params, lr)
         t0 = time.perf_counter()
         runners[name].fit(x[:warm_steps], target[:warm_steps])
         rate = warm_steps / max(time.perf_counter() - t0, 1e-9)  # timesteps per second
@@ -276,7 +298,6 @@ def time_config(
             gflops=flops_per_step(cfg) * work / med / 1e9,
             busy_max=max(row["busy"]),
         )
-    return list(rows.values())
 
 
 def machine_info() -> dict:
