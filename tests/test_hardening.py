@@ -429,3 +429,32 @@ def test_trainer_copies_continue_identically_and_leave_the_original(backend, how
     after = _params(model)
     twin.fit(x, y)
     assert all(np.array_equal(after[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_max_history_caps_an_unbounded_window(backend, tmp_path):
+    """k2=None grows with the stream; max_history refuses a call that would
+    pass the cap, before anything runs, and survives a checkpoint."""
+    if backend == "cpu" and not tb.native_available():
+        pytest.skip("native module not built")
+    model = tb.Model("gru", 4, 5, 2, dtype="float64", seed=0)
+    trainer = tb.Trainer(model, k1=3, k2=None, backend=backend, max_history=10)
+    x, y = _data(T=12)
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    trainer.fit(x[:8], y[:8], flush=False)
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"12 steps of history.*max_history=10"):
+        trainer.fit(x[:4], y[:4])
+    assert trainer.step_count == 8
+    assert all(np.array_equal(before[k], v) for k, v in model.state_dict().items())
+    trainer.fit(x[:2], y[:2], flush=False)  # exactly at the cap
+    with pytest.raises(ValueError, match="max_history"):
+        trainer.step(x[0], y[0])
+    trainer.reset_state()
+    trainer.fit(x[:10], y[:10])  # a reset starts the count afresh
+    trainer.save(tmp_path / "t.ckpt")
+    assert tb.Trainer.load(tmp_path / "t.ckpt").max_history == 10
+    with pytest.raises(ValueError, match="k2=None only"):
+        tb.Trainer(model, k1=3, k2=4, max_history=10)
+    with pytest.raises(ValueError, match="max_history"):
+        tb.Trainer(model, k1=3, k2=None, max_history=0)

@@ -423,6 +423,8 @@ def dumps_trainer(trainer) -> bytes:
     }
     if hasattr(trainer, "batch_first"):
         conf["batch_first"] = bool(trainer.batch_first)
+    if getattr(trainer, "max_history", None) is not None:
+        conf["max_history"] = int(trainer.max_history)
     opt = {
         k: _json_scalar(v) if k != "optimizer" else v for k, v in trainer.optimizer.config().items()
     }
@@ -541,6 +543,8 @@ def _trainer_from(p: str, manifest: dict, arrays: dict, backend: str | None):
     }
     if "batch_first" in t:
         kwargs["batch_first"] = _get(p, t, "batch_first", "bool", "trainer")
+    if "max_history" in t:
+        kwargs["max_history"] = _get(p, t, "max_history", "int", "trainer")
     if backend is None and kwargs["backend"] not in BACKENDS:
         raise _refuse(p, f"invalid checkpoint: unknown backend {kwargs['backend']!r}")
     try:

@@ -145,6 +145,12 @@ class Trainer:
         batch_first: ``fit``'s data are [B, T, ...] instead of [T, B, ...]
             (x, target, mask, resets; the returned outputs [B, T, O] too);
             ``step`` is unaffected.
+        max_history: with ``k2=None`` only: the most steps of history the
+            trainer may hold (None: no cap). With ``k2=None`` memory and the
+            cost of each update grow with the stream (every update
+            backpropagates to the last trainer-level reset); a ``fit`` or
+            ``step`` that would pass the cap is refused with a ValueError
+            before anything runs (call ``reset_state()`` to start afresh).
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class Trainer:
         overlap: str = "stored",
         backend: str = "cpu",
         batch_first: bool = False,
+        max_history: int | None = None,
     ):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a tbptt_fast.Model, got {type(model).__name__}")
@@ -167,6 +174,9 @@ class Trainer:
         self.overlap = V.check_choice("overlap", overlap, OVERLAPS)
         self.backend = V.check_choice("backend", backend, BACKENDS)
         self.batch_first = V.check_bool("batch_first", batch_first)
+        self.max_history = None if max_history is None else V.check_k("max_history", max_history)
+        if self.max_history is not None and self.k2 is not None:
+            raise ValueError("max_history applies to k2=None only (a bounded k2 needs no cap)")
         if optimizer is None:
             optimizer = SGD(lr=0.01)
         _check_optimizer(optimizer)
@@ -337,6 +347,19 @@ class Trainer:
         run = self._engine.run_device if data.device else self._engine.run
         return self._run(run, *data.args, flush, return_grads, return_outputs, on_update)
 
+    def _check_history(self, steps: int, reset: bool) -> None:
+        """k2=None with max_history: refuse a call of ``steps`` steps whose
+        history would pass the cap."""
+        if self.max_history is None:
+            return
+        held = (0 if reset else self.step_count) + steps
+        if held > self.max_history:
+            raise ValueError(
+                f"k2=None: this call would hold {held} steps of history, more than "
+                f"max_history={self.max_history}; call reset_state() to start afresh "
+                "(or use a bounded k2)"
+            )
+
     def _check_batch(self, batch: int, name: str) -> None:
         if self._batch is not None and batch != self._batch:
             raise ValueError(
@@ -412,6 +435,7 @@ class Trainer:
         return_outputs = V.check_bool("return_outputs", return_outputs)
         data = self._check_data(x, target, mask, resets, step=False)
         batch = data.batch
+        self._check_history(x.shape[1 if self.batch_first else 0], reset=initial_state is not None)
         init = None
         if initial_state is not None:
             init = V.initial_state(initial_state, self.model, batch)
@@ -453,6 +477,7 @@ class Trainer:
         """
         data = self._check_data(x_t, target_t, mask_t, reset_t, step=True)
         self._check_batch(data.batch, "x_t")
+        self._check_history(1, reset=False)
         self._check_params()
         self._sync_optimizer()
         self._batch = self._last_batch = data.batch
