@@ -66,8 +66,8 @@ def set_num_threads(n: int) -> None:
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int >= 1, got {type(n).__name__}")
     n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if not 1 <= n <= 2**31 - 1:
+        raise ValueError(f"n must be in [1, 2**31 - 1], got {n}")
     if core is not None:
         core.set_num_threads(n)
     elif _blas is not None:

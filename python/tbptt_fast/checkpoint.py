@@ -161,6 +161,14 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _fspath(path) -> str:
+    """``os.fspath(path)`` with a TypeError that names the argument."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
+
+
 def write_atomic(path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: the file appears complete or not at all.
 
@@ -169,7 +177,7 @@ def write_atomic(path, data: bytes) -> None:
     error the temporary file is removed and an existing file at ``path`` is
     left as it was.
     """
-    path = os.fspath(path)
+    path = _fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(
         folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -208,7 +216,7 @@ def read(path) -> tuple[dict, dict[str, np.ndarray]]:
     Anything wrong is a one-line ``ValueError`` naming the path. Arrays are
     read with ``allow_pickle=False``.
     """
-    p = os.fspath(path)
+    p = _fspath(path)
     with open(p, "rb") as f:
         data = f.read()
     return read_bytes(data, p)
@@ -383,7 +391,7 @@ def save_model(model, path) -> None:
 def load_model(path):
     """The :class:`~tbptt_fast.Model` saved at ``path`` by ``Model.save`` or
     ``Trainer.save`` (``Model.load``)."""
-    p = os.fspath(path)
+    p = _fspath(path)
     manifest, arrays = read(p)
     _kind(p, manifest)
     return _build_model(p, manifest, arrays)
@@ -494,7 +502,7 @@ def load_trainer(path, backend: str | None = None):
 
     if backend is not None:
         V.check_choice("backend", backend, BACKENDS)
-    p = os.fspath(path)
+    p = _fspath(path)
     return _trainer_from(p, *read(p), backend)
 
 

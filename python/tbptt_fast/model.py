@@ -88,16 +88,25 @@ class Model:
         seed: int = 0,
         vocab_size: int | None = None,
     ):
+        if not isinstance(cell, str):
+            raise TypeError(
+                f"cell must be a string, one of {list(CELLS)}, got {type(cell).__name__}"
+            )
         if cell not in reference.CELLS:
             raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int >= 0, got {type(seed).__name__}")
+        if seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed}")
         self.cell = cell
         self.input_size = _positive_int("input_size", input_size)
         self.hidden_size = _positive_int("hidden_size", hidden_size)
         self.output_size = _positive_int("output_size", output_size)
         self.num_layers = _positive_int("num_layers", num_layers)
         self.vocab_size = None if vocab_size is None else _positive_int("vocab_size", vocab_size)
-        if dtype is None:  # np.dtype(None) would be float64
-            raise TypeError("dtype must be 'float32' or 'float64', got None")
+        if dtype is None or isinstance(dtype, (bool, int, float, complex, np.generic)):
+            # np.dtype(None) would be float64, and a NumPy scalar converts to its type
+            raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         try:
             dt = np.dtype(dtype)
         except TypeError:

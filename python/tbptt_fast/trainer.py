@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -191,11 +192,15 @@ class Trainer:
                     f"clip_grad_norm must be a positive number or None, "
                     f"got {type(clip_grad_norm).__name__}"
                 )
-            if not (np.isfinite(clip_grad_norm) and clip_grad_norm > 0):
+            try:
+                value = float(clip_grad_norm)  # a huge Python int is not a NumPy number
+            except OverflowError:
+                value = math.inf
+            if not (math.isfinite(value) and value > 0):
                 raise ValueError(
                     f"clip_grad_norm must be a positive finite number or None, got {clip_grad_norm}"
                 )
-            clip_grad_norm = float(clip_grad_norm)
+            clip_grad_norm = value
         self.clip_grad_norm = clip_grad_norm
         self.model = model
         self._engine_config = EngineConfig.from_trainer_parts(
@@ -435,7 +440,13 @@ class Trainer:
         return_outputs = V.check_bool("return_outputs", return_outputs)
         data = self._check_data(x, target, mask, resets, step=False)
         batch = data.batch
-        self._check_history(x.shape[1 if self.batch_first else 0], reset=initial_state is not None)
+        if self.max_history is not None:
+            steps = (
+                int(x.shape[1 if self.batch_first else 0])
+                if data.device
+                else data.args[0].shape[0]  # host data are time-major here
+            )
+            self._check_history(steps, reset=initial_state is not None)
         init = None
         if initial_state is not None:
             init = V.initial_state(initial_state, self.model, batch)
