@@ -36,13 +36,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-import tbptt_fast as tb
-
 from .checks import max_rel_err
 from .configs import PRESETS, Config, make_matrix, parse_ints, parse_ks
 from .peers import torch_loops
 from .report import add_ratios, report
-from .runners import ALL_IMPLS, IMPLS, make_params, unavailable_reason
+from .runners import ALL_IMPLS, IMPLS, TbRunner, make_params, unavailable_reason
 from .timing import (
     gemm_peak,
     machine_info,
@@ -55,68 +53,23 @@ from .timing import (
 # ------------------------------------------------------------------ cross-entropy rows
 
 
-class TbCrossEntropy:
-    """tbptt_fast ``Trainer`` with SGD and cross-entropy on one backend/overlap rule."""
-
-    def __init__(self, cfg: Config, params: dict, backend: str, overlap: str, lr: float):
-        model = tb.Model(
-            cfg.cell, cfg.hidden, cfg.hidden, cfg.out, cfg.layers, dtype=cfg.dtype, seed=0
-        )
-        model.load_state_dict(params)
-        self.trainer = tb.Trainer(
-            model,
-            k1=cfg.k1,
-            k2=cfg.k2,
-            loss="cross_entropy",
-            optimizer=tb.SGD(lr=lr),
-            overlap=overlap,
-            backend=backend,
-        )
-
-    def fit(self, x, target, return_grads=False):
-        res = self.trainer.fit(x, target, return_grads=return_grads)
-        return res.losses, res.grads
-
-
-class TorchSeqCrossEntropy(torch_loops.TorchSeq):
-    """PyTorch's detach-every-k loop (``TorchSeq``) with ``F.cross_entropy`` over the block."""
-
-    def fit(self, x, target, return_grads=False):
-        torch = self.torch
-        x = torch.as_tensor(x, dtype=self.dtype)
-        target = torch.as_tensor(target, dtype=torch.int64)
-        if self.state is None:
-            self.state = self._zero_state(x.shape[1], per_layer=False)
-        losses, grads = [], []
-        for s in range(0, x.shape[0], self.k1):
-            out, state = self.rnn(x[s : s + self.k1], self.state)
-            y = self.readout(out)
-            loss = torch.nn.functional.cross_entropy(
-                y.reshape(-1, y.shape[-1]), target[s : s + self.k1].reshape(-1)
-            )
-            g = self._step(loss, return_grads)
-            self.state = self._detach(state)
-            losses.append(loss.item())
-            if return_grads:
-                grads.append(g)
-        return np.array(losses), (grads if return_grads else None)
-
+CE = "cross_entropy"
 
 #: name -> (build(cfg, params, lr), applies(cfg), the overlap rule its gradients match)
 CE_IMPLS = {
     "numpy": (
-        lambda c, p, lr: TbCrossEntropy(c, p, "numpy", "stored", lr),
+        lambda c, p, lr: TbRunner(c, p, "numpy", "stored", lr, CE),
         lambda c: True,
         "stored",
     ),
-    "cpu": (lambda c, p, lr: TbCrossEntropy(c, p, "cpu", "stored", lr), lambda c: True, "stored"),
+    "cpu": (lambda c, p, lr: TbRunner(c, p, "cpu", "stored", lr, CE), lambda c: True, "stored"),
     "cpu-recompute": (
-        lambda c, p, lr: TbCrossEntropy(c, p, "cpu", "recompute", lr),
+        lambda c, p, lr: TbRunner(c, p, "cpu", "recompute", lr, CE),
         lambda c: c.k1 < c.k2,
         "recompute",
     ),
     "torch-seq": (
-        lambda c, p, lr: TorchSeqCrossEntropy(c.cell, p, c.k1, c.k2, lr=lr, dtype=c.dtype),
+        lambda c, p, lr: torch_loops.TorchSeq(c.cell, p, c.k1, c.k2, lr=lr, dtype=c.dtype, loss=CE),
         lambda c: c.k1 == c.k2 and c.cell in torch_loops.TORCH_CELLS,
         "stored",
     ),
@@ -149,7 +102,7 @@ def check_ce(name: str, cfg: Config, lr: float = 0.01) -> dict:
     ]:
         params = make_params(c)
         x, target = ce_data(c, steps, seed=2)
-        _, ref = TbCrossEntropy(c, params, "numpy", overlap, lr).fit(x, target, True)
+        _, ref = TbRunner(c, params, "numpy", overlap, lr, CE).fit(x, target, True)
         _, got = build(c, params, lr).fit(x, target, True)
         err = (
             max(max_rel_err(g, r) for g, r in zip(got, ref, strict=True))

@@ -24,9 +24,12 @@ def native_ok() -> bool:
 
 
 class TbRunner:
-    """tbptt_fast ``Trainer`` with SGD and mse on one backend/overlap rule."""
+    """tbptt_fast ``Trainer`` with SGD and ``loss`` (mse or cross_entropy) on one
+    backend/overlap rule."""
 
-    def __init__(self, cfg: Config, params: dict, backend: str, overlap: str, lr: float):
+    def __init__(
+        self, cfg: Config, params: dict, backend: str, overlap: str, lr: float, loss: str = "mse"
+    ):
         model = tb.Model(
             cfg.cell, cfg.hidden, cfg.hidden, cfg.out, cfg.layers, dtype=cfg.dtype, seed=0
         )
@@ -35,7 +38,7 @@ class TbRunner:
             model,
             k1=cfg.k1,
             k2=cfg.k2,
-            loss="mse",
+            loss=loss,
             optimizer=tb.SGD(lr=lr),
             overlap=overlap,
             backend=backend,

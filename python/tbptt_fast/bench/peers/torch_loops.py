@@ -151,22 +151,28 @@ class _TorchPeer:
 class TorchSeq(_TorchPeer):
     """``nn.LSTM/GRU/RNN`` + ``nn.Linear``: carry the state, detach every k steps (k1 == k2)."""
 
-    def __init__(self, cell, params, k1, k2=None, lr=0.01, dtype="float32"):
+    def __init__(self, cell, params, k1, k2=None, lr=0.01, dtype="float32", loss="mse"):
         super().__init__(cell, params, k1, k2, lr, dtype)
         if self.k1 != self.k2:
             raise ValueError("TorchSeq implements TBPTT(k, k) only")
+        self.loss = loss  # "mse", or "cross_entropy" with integer class targets [T, B]
 
     def fit(self, x, target, return_grads=False):
         """Train over x ``[T, B, D]``; returns (losses ``[U]``, grads list or None)."""
         torch = self.torch
+        ce = self.loss == "cross_entropy"
         x = torch.as_tensor(x, dtype=self.dtype)
-        target = torch.as_tensor(target, dtype=self.dtype)
+        target = torch.as_tensor(target, dtype=torch.int64 if ce else self.dtype)
         if self.state is None:
             self.state = self._zero_state(x.shape[1], per_layer=False)
         losses, grads = [], []
         for s in range(0, x.shape[0], self.k1):
             out, state = self.rnn(x[s : s + self.k1], self.state)
-            loss = torch.nn.functional.mse_loss(self.readout(out), target[s : s + self.k1])
+            y, t = self.readout(out), target[s : s + self.k1]
+            if ce:
+                loss = torch.nn.functional.cross_entropy(y.reshape(-1, y.shape[-1]), t.reshape(-1))
+            else:
+                loss = torch.nn.functional.mse_loss(y, t)
             g = self._step(loss, return_grads)
             self.state = self._detach(state)
             losses.append(loss.item())
