@@ -12,6 +12,7 @@ tested against.
 
 from __future__ import annotations
 
+import abc
 import math
 
 import numpy as np
@@ -47,7 +48,7 @@ def _field(name: str, doc: str):
     return property(get, set, doc=doc)
 
 
-class _Optimizer:
+class _Optimizer(abc.ABC):
     """What SGD and Adam share: validated fields, ``config()``, equality, repr.
 
     Changing a field of an optimizer a trainer uses takes effect at that
@@ -65,8 +66,9 @@ class _Optimizer:
             )
         super().__setattr__(name, value)
 
-    def config(self) -> dict:  # pragma: no cover - defined by each optimizer
-        raise NotImplementedError
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """The engine's optimizer keys and values (each optimizer defines them)."""
 
     def __eq__(self, other):
         if type(other) is not type(self):
