@@ -399,7 +399,7 @@ struct HandleBase {
 
   // Forward only: (outputs [T, B, O], final state as a flat list).
   py::tuple forward(const py::object& x_obj, const py::object& resets_obj,
-                    const py::object& state_obj) {
+                    const py::object& state_obj, const py::object& reset_state_obj) {
     const Busy busy_guard(*this);
     const auto dt = model_dtype(cfg);
     py::array x = checked_x(x_obj);
@@ -416,18 +416,25 @@ struct HandleBase {
     }
     const int64_t ns = cfg.num_layers * cfg.state_per_layer();
     std::vector<py::array> keep;
-    std::vector<const void*> sptrs;
-    if (!state_obj.is_none()) {
-      const auto items = state_obj.cast<py::list>();
-      TBPTT_CHECK_ARG(static_cast<int64_t>(py::len(items)) == ns, "state must hold ", ns,
+    std::vector<const void*> sptrs, rptrs;
+    const auto read_state = [&](const py::object& obj, std::vector<const void*>& ptrs,
+                                const char* name) {
+      const auto items = obj.cast<py::list>();
+      TBPTT_CHECK_ARG(static_cast<int64_t>(py::len(items)) == ns, name, " must hold ", ns,
                       " arrays (flat layer-major), got ", py::len(items));
       for (int64_t i = 0; i < ns; ++i) {
-        auto a =
-            checked(items[static_cast<size_t>(i)], "state entry", dt, {batch, cfg.hidden_size});
-        sptrs.push_back(a.data());
+        auto a = checked(items[static_cast<size_t>(i)], name, dt, {batch, cfg.hidden_size});
+        ptrs.push_back(a.data());
         keep.push_back(a);
       }
+    };
+    if (!state_obj.is_none()) {
+      read_state(state_obj, sptrs, "state");
       in.state = &sptrs;
+    }
+    if (!reset_state_obj.is_none()) {
+      read_state(reset_state_obj, rptrs, "reset_state");
+      in.reset_state = &rptrs;
     }
     py::array out(dt, std::vector<py::ssize_t>{steps, batch, cfg.output_size});
     in.outputs = out.mutable_data();
@@ -645,7 +652,7 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
            py::arg("return_grads") = false, py::arg("return_outputs") = false,
            py::arg("on_update") = py::none())
       .def("forward", &H::forward, py::arg("x"), py::arg("resets") = py::none(),
-           py::arg("state") = py::none(),
+           py::arg("state") = py::none(), py::arg("reset_state") = py::none(),
            "Forward only: (outputs [T, B, O], final state); the training state is untouched.")
       .def("set_hyperparams", &H::set_hyperparams, py::arg("config"),
            py::arg("fresh_state") = false,

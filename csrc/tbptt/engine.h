@@ -261,9 +261,9 @@ class Engine final : public EngineBase {
     TBPTT_CHECK_ARG(in.outputs != nullptr, "forward needs an outputs array");
     TBPTT_CHECK_ARG(static_cast<int64_t>(in.state_out.size()) == L_ * S_, "state needs ", L_ * S_,
                     " output arrays, got ", in.state_out.size());
-    if (in.state != nullptr) {
-      TBPTT_CHECK_ARG(static_cast<int64_t>(in.state->size()) == L_ * S_, "state needs ", L_ * S_,
-                      " arrays, got ", in.state->size());
+    for (const auto* st : {in.state, in.reset_state}) {
+      TBPTT_CHECK_ARG(st == nullptr || static_cast<int64_t>(st->size()) == L_ * S_, "state needs ",
+                      L_ * S_, " arrays, got ", st == nullptr ? 0 : st->size());
     }
     const int64_t b = in.batch, bh = b * H_, k = std::min(in.steps, kForwardChunk);
     if (fw_batch_ != b || fw_ring_.capacity() < k) {
@@ -288,14 +288,22 @@ class Engine final : public EngineBase {
         throw MemoryLimitError(str_cat("out of memory allocating a forward pass at batch ", b));
       }
     }
-    if (in.state == nullptr) {
-      dev_.fill(fw_init_.data(), L_ * S_ * bh, T(0));
-    } else {
+    // fw_init_: what a reset restores; fw_state_: the state entering step 1.
+    const auto* restored = in.reset_state != nullptr ? in.reset_state : in.state;
+    const auto load = [&](Buf<T>& dst, const std::vector<const void*>* src) {
+      if (src == nullptr) {
+        dev_.fill(dst.data(), L_ * S_ * bh, T(0));
+        return;
+      }
       for (int64_t i = 0; i < L_ * S_; ++i)
-        dev_.upload(fw_init_.data() + i * bh,
-                    static_cast<const T*>((*in.state)[static_cast<size_t>(i)]), bh);
+        dev_.upload(dst.data() + i * bh, static_cast<const T*>((*src)[static_cast<size_t>(i)]), bh);
+    };
+    load(fw_init_, restored);
+    if (in.state == restored) {
+      dev_.copy(fw_state_.data(), fw_init_.data(), L_ * S_ * bh);
+    } else {
+      load(fw_state_, in.state);
     }
-    dev_.copy(fw_state_.data(), fw_init_.data(), L_ * S_ * bh);
     dev_.begin_run(in.steps, b);
     const int64_t chunk = fw_ring_.capacity();
     for (int64_t pos = 0; pos < in.steps; pos += chunk) {

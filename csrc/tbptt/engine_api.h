@@ -55,8 +55,11 @@ struct ForwardInputs {
   const void* x = nullptr;          // [T, B, D] dtype; with an embedding: [T, B] int64 ids
   const uint8_t* resets = nullptr;  // [T, B] 0/1; nullptr = no resets
   // nullptr: zeros; else L * state_per_layer() arrays [B, H] (flat layer-major),
-  // the state entering step 1 and what a reset restores.
+  // the state entering step 1.
   const std::vector<const void*>* state = nullptr;
+  // What a reset restores, in the same form; nullptr: `state` (zeros if that
+  // is nullptr too), as training's initial state.
+  const std::vector<const void*>* reset_state = nullptr;
   void* outputs = nullptr;       // [T, B, O] dtype, written
   std::vector<void*> state_out;  // L * state_per_layer() arrays [B, H], written
 };

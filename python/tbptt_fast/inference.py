@@ -96,32 +96,12 @@ def forward_chunk(engine, x, resets, carry, init, first: bool):
     bool or None; carry: the flat state entering the chunk; init: the flat
     state a reset restores (None = zeros); first: the chunk starts the stream
     (then carry is init).
-
-    The engines' ``forward`` takes one state, both entering and restored by a
-    reset. A later chunk with resets is run twice: from the carried state
-    without resets (right for each element up to its first reset in the
-    chunk) and from the reset state with the resets, from the chunk's
-    earliest reset on (right for each element from its first reset on).
     """
     if first:
         return engine.forward(x, _u8(resets), init)
-    if resets is None or not resets.any():
-        return engine.forward(x, None, carry)
-    n = x.shape[0]
-    has = resets.any(axis=0)  # [B]: elements that reset in this chunk
-    first_reset = np.where(has, np.argmax(resets, axis=0), n)  # [B]
-    r0 = int(first_reset.min())
-    y_reset, s_reset = engine.forward(x[r0:], _u8(resets[r0:]), init)
-    n_carry = n if not has.all() else int(first_reset.max())
-    if n_carry == 0:  # every element resets at the chunk's first step
-        return y_reset, s_reset
-    y_carry, s_carry = engine.forward(x[:n_carry], None, carry)
-    y = np.empty((n, *y_reset.shape[1:]), y_reset.dtype)
-    y[r0:] = y_reset
-    before = np.arange(n_carry)[:, None] < first_reset[None, :]  # [n_carry, B]
-    y[:n_carry] = np.where(before[:, :, None], y_carry, y[:n_carry])
-    state = [np.where(has[:, None], a, b) for a, b in zip(s_reset, s_carry, strict=True)]
-    return y, state
+    if init is None:  # a reset restores zeros, not the carried state
+        init = [np.zeros_like(a) for a in carry]
+    return engine.forward(x, _u8(resets), carry, init)
 
 
 def _u8(flags):

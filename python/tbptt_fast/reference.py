@@ -606,27 +606,33 @@ class Engine:
             np.stack(outputs) if return_outputs else None,
         )
 
-    def forward(self, x, resets=None, state=None):
+    def forward(self, x, resets=None, state=None, reset_state=None):
         """Forward only: the readout outputs and the final state; the training
         state (forward state, step count, pending block, history) is untouched.
 
         x [T, B, D] (with an embedding: int64 ids [T, B]); resets [T, B] or None;
         state: None (zeros) or a flat layer-major list ``[h_0, (c_0,) h_1, ...]``
-        of [B, H] arrays, the state entering step 1 and what a reset restores.
+        of [B, H] arrays, the state entering step 1; reset_state: what a reset
+        restores, in the same form (None: ``state``, as training's initial state).
         Returns ``(outputs [T, B, O], state)``, the state in the same flat form.
         """
         B, n = x.shape[1], self.cell_def.states
-        if state is None:
-            initial = [
-                tuple(np.zeros((B, self.H), self.dtype) for _ in range(n)) for _ in range(self.L)
-            ]
-        else:
-            initial = [
-                tuple(np.array(a, dtype=self.dtype) for a in state[n * k : n * k + n])
+
+        def layered(flat):
+            if flat is None:
+                return [
+                    tuple(np.zeros((B, self.H), self.dtype) for _ in range(n))
+                    for _ in range(self.L)
+                ]
+            return [
+                tuple(np.array(a, dtype=self.dtype) for a in flat[n * k : n * k + n])
                 for k in range(self.L)
             ]
+
+        entering = layered(state)
+        initial = entering if reset_state is None else layered(reset_state)
         w_out, b_out = self.params[-2], self.params[-1]
-        cur, outputs = initial, []
+        cur, outputs = entering, []
         no_reset = np.zeros(B, bool)
         with np.errstate(all="ignore"):
             for s in range(x.shape[0]):
