@@ -59,6 +59,20 @@ tbptt::OptimizerKind optimizer_kind(const std::string& opt) {
                          : tbptt::OptimizerKind::kExternal;
 }
 
+// The optimizer keys of a config dict (absent keys: the defaults).
+tbptt::Hyperparams hyperparams_from_dict(const py::dict& d) {
+  tbptt::Hyperparams hp;
+  hp.optimizer = optimizer_kind(get_or<std::string>(d, "optimizer", "sgd"));
+  hp.lr = get_or<double>(d, "lr", hp.lr);
+  hp.momentum = get_or<double>(d, "momentum", hp.momentum);
+  hp.nesterov = get_or<bool>(d, "nesterov", hp.nesterov);
+  hp.beta1 = get_or<double>(d, "beta1", hp.beta1);
+  hp.beta2 = get_or<double>(d, "beta2", hp.beta2);
+  hp.eps = get_or<double>(d, "eps", hp.eps);
+  hp.weight_decay = get_or<double>(d, "weight_decay", hp.weight_decay);
+  return hp;
+}
+
 tbptt::Config config_from_dict(const py::dict& d) {
   using namespace tbptt;
   Config c;
@@ -92,15 +106,7 @@ tbptt::Config config_from_dict(const py::dict& d) {
   TBPTT_CHECK_ARG(overlap == "stored" || overlap == "recompute",
                   "overlap must be 'stored' or 'recompute', got '", overlap, "'");
   c.overlap = overlap == "stored" ? OverlapKind::kStored : OverlapKind::kRecompute;
-  const auto opt = get_or<std::string>(d, "optimizer", "sgd");
-  c.optimizer = optimizer_kind(opt);
-  c.lr = get_or<double>(d, "lr", c.lr);
-  c.momentum = get_or<double>(d, "momentum", c.momentum);
-  c.nesterov = get_or<bool>(d, "nesterov", c.nesterov);
-  c.beta1 = get_or<double>(d, "beta1", c.beta1);
-  c.beta2 = get_or<double>(d, "beta2", c.beta2);
-  c.eps = get_or<double>(d, "eps", c.eps);
-  c.weight_decay = get_or<double>(d, "weight_decay", c.weight_decay);
+  c.set_hyperparams(hyperparams_from_dict(d));
   c.clip = d.contains("clip") && !d["clip"].is_none() ? d["clip"].cast<double>() : 0.0;
   c.capacity =
       d.contains("capacity") && !d["capacity"].is_none() ? d["capacity"].cast<int64_t>() : 0;
@@ -453,16 +459,7 @@ struct HandleBase {
 
   void set_hyperparams(const py::dict& d, bool fresh_state) {
     const Busy busy_guard(*this, true);
-    tbptt::Hyperparams hp;
-    const auto opt = get_or<std::string>(d, "optimizer", "sgd");
-    hp.optimizer = optimizer_kind(opt);
-    hp.lr = get_or<double>(d, "lr", hp.lr);
-    hp.momentum = get_or<double>(d, "momentum", hp.momentum);
-    hp.nesterov = get_or<bool>(d, "nesterov", hp.nesterov);
-    hp.beta1 = get_or<double>(d, "beta1", hp.beta1);
-    hp.beta2 = get_or<double>(d, "beta2", hp.beta2);
-    hp.eps = get_or<double>(d, "eps", hp.eps);
-    hp.weight_decay = get_or<double>(d, "weight_decay", hp.weight_decay);
+    const tbptt::Hyperparams hp = hyperparams_from_dict(d);
     engine->set_hyperparams(hp, fresh_state);
     cfg = engine->config();
   }

@@ -33,6 +33,15 @@ enum class OverlapKind { kStored, kRecompute };
 enum class OptimizerKind { kSgd, kAdam, kExternal };
 enum class DType { kFloat32, kFloat64 };
 
+// The optimizer's hyperparameters (Config's fields of the same names): what
+// may change between calls (EngineBase::set_hyperparams).
+struct Hyperparams {
+  OptimizerKind optimizer = OptimizerKind::kSgd;
+  double lr = 0.01, momentum = 0.0;
+  bool nesterov = false;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+};
+
 // Engine configuration; python/tbptt_fast/_config.py (EngineConfig) builds the
 // dict the bindings read into it.
 struct Config {
@@ -100,6 +109,19 @@ struct Config {
   // State arrays per layer: 2 for cells with a cell state (h, c), else 1 (h); each [B, H].
   int64_t state_per_layer() const;
   size_t dtype_size() const { return dtype == DType::kFloat32 ? 4 : 8; }
+  Hyperparams hyperparams() const {
+    return {optimizer, lr, momentum, nesterov, beta1, beta2, eps, weight_decay};
+  }
+  void set_hyperparams(const Hyperparams& hp) {
+    optimizer = hp.optimizer;
+    lr = hp.lr;
+    momentum = hp.momentum;
+    nesterov = hp.nesterov;
+    beta1 = hp.beta1;
+    beta2 = hp.beta2;
+    eps = hp.eps;
+    weight_decay = hp.weight_decay;
+  }
   // Throws std::invalid_argument naming the bad field.
   void validate() const;
 };

@@ -325,14 +325,7 @@ class Engine final : public EngineBase {
   void set_hyperparams(const Hyperparams& hp, bool fresh_state) override {
     [[maybe_unused]] const auto guard = dev_.guard();
     Config next = cfg_;
-    next.optimizer = hp.optimizer;
-    next.lr = hp.lr;
-    next.momentum = hp.momentum;
-    next.nesterov = hp.nesterov;
-    next.beta1 = hp.beta1;
-    next.beta2 = hp.beta2;
-    next.eps = hp.eps;
-    next.weight_decay = hp.weight_decay;
+    next.set_hyperparams(hp);
     next.validate();
     const bool fresh = fresh_state || next.optimizer != cfg_.optimizer;
     cfg_ = next;

@@ -90,14 +90,6 @@ struct EngineSnapshot {
   std::map<std::string, HostArray> arrays;
 };
 
-// The optimizer's hyperparameters (Config's fields of the same names).
-struct Hyperparams {
-  OptimizerKind optimizer = OptimizerKind::kSgd;
-  double lr = 0.01, momentum = 0.0;
-  bool nesterov = false;
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-};
-
 // What run() / flush() return; U = number of updates performed.
 struct RunResult {
   std::vector<double> losses;         // [U] Loss_P of each update, from the forward pass
