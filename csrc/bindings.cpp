@@ -191,6 +191,37 @@ void check_view(const tbptt::DeviceView& v, const std::vector<int64_t>& shape, W
                   " must be an integer array");
 }
 
+// Thrown through the engine by a callback whose Python exception is kept
+// aside (a `failure` below), to unwind to the binding that raises it.
+struct PythonError {};
+
+// reduce = (block, grad), two Python callables (tbptt_fast.distributed), or
+// None: tbptt::Reducer calling them with the GIL on NumPy views (no copy) of
+// the engine's buffers, in place: block(sums [2] float64), grad(g [n] model
+// dtype). A Python exception is kept in `failure` and stops the engine.
+tbptt::Reducer python_reducer(const py::object& reduce, const py::dtype& dt,
+                              std::unique_ptr<py::error_already_set>& failure) {
+  tbptt::Reducer r;
+  if (reduce.is_none()) return r;
+  const auto pair = reduce.cast<py::tuple>();
+  TBPTT_CHECK_ARG(py::len(pair) == 2, "reduce must be a pair (block, grad) of callables");
+  const py::object block = pair[0], grad = pair[1];
+  const auto call = [&failure](const py::object& fn, const py::dtype& type, void* data, int64_t n) {
+    py::gil_scoped_acquire gil;
+    try {
+      // A capsule as the base: the array views the engine's buffer, no copy.
+      const py::capsule none(data, [](void*) {});
+      fn(py::array(type, std::vector<py::ssize_t>{static_cast<py::ssize_t>(n)}, data, none));
+    } catch (py::error_already_set& e) {
+      failure = std::make_unique<py::error_already_set>(std::move(e));
+      throw PythonError{};
+    }
+  };
+  r.block = [call, block](double* sums) { call(block, py::dtype::of<double>(), sums, 2); };
+  r.grad = [call, grad, dt](void* g, int64_t n) { call(grad, dt, g, n); };
+  return r;
+}
+
 // One engine handle; Kind only separates the Python classes (Engine, CudaEngine).
 struct HandleBase {
   std::unique_ptr<tbptt::EngineBase> engine;
@@ -310,7 +341,7 @@ struct HandleBase {
 
   py::tuple run(const py::object& x_obj, const py::object& target_obj, const py::object& mask_obj,
                 const py::object& resets_obj, bool flush, bool return_grads, bool return_outputs,
-                const py::object& on_update) {
+                const py::object& on_update, const py::object& reduce) {
     const auto dt = model_dtype(cfg);
     py::array x = checked_x(x_obj);
     const int64_t steps = x.shape(0), batch = x.shape(1);
@@ -338,7 +369,7 @@ struct HandleBase {
     in.resets = has_resets ? static_cast<const uint8_t*>(resets.data()) : nullptr;
     in.flush = flush;
     in.return_grads = return_grads;
-    return execute(in, return_outputs, on_update);
+    return execute(in, return_outputs, on_update, reduce);
   }
 
   // x: [T, B, D] model dtype, or [T, B] int64 ids with an embedding.
@@ -350,8 +381,10 @@ struct HandleBase {
   // engine->run(in) without the GIL, with a host [T, B, O] outputs array if
   // asked. on_update (a Python callable or None) is called with the GIL after
   // each update as on_update(index, step, loss); a False result stops the run
-  // after that update, an exception stops it and is raised here.
-  py::tuple execute(tbptt::RunInputs& in, bool return_outputs, const py::object& on_update) {
+  // after that update, an exception stops it and is raised here. reduce: see
+  // python_reducer (None: one process).
+  py::tuple execute(tbptt::RunInputs& in, bool return_outputs, const py::object& on_update,
+                    const py::object& reduce) {
     const Busy busy_guard(*this);
     py::object outputs = py::none();
     if (return_outputs) {
@@ -363,8 +396,8 @@ struct HandleBase {
     // A Python exception (from on_update, or a signal such as Ctrl-C seen by
     // poll) is kept here and raised once the engine has returned or stopped
     // at a consistent point.
-    struct PythonError {};
     std::unique_ptr<py::error_already_set> failure;
+    in.reduce = python_reducer(reduce, model_dtype(cfg), failure);
     if (!on_update.is_none()) {
       in.on_update = [&](int64_t index, int64_t step, double loss) {
         py::gil_scoped_acquire gil;
@@ -541,7 +574,8 @@ struct HandleBase {
   // run() on device arrays (CUDA engine): specs as device_view().
   py::tuple run_device(const py::object& x_spec, const py::object& target_spec,
                        const py::object& mask_spec, const py::object& resets_spec, bool flush,
-                       bool return_grads, bool return_outputs, const py::object& on_update) {
+                       bool return_grads, bool return_outputs, const py::object& on_update,
+                       const py::object& reduce) {
     TBPTT_CHECK_ARG(cfg.vocab_size == 0,
                     "x: token ids on the cuda backend must be host arrays (CUDA arrays of ids "
                     "are not supported yet)");
@@ -572,7 +606,7 @@ struct HandleBase {
     in.flush = flush;
     in.return_grads = return_grads;
     in.device = &dv;
-    return execute(in, return_outputs, on_update);
+    return execute(in, return_outputs, on_update, reduce);
   }
 
   // Value check of one device array (see tbptt::ScanRequest); kind is
@@ -607,13 +641,17 @@ struct HandleBase {
     return py::make_tuple(r.first_bad, r.value, r.ivalue);
   }
 
-  py::tuple flush(bool return_grads) {
+  py::tuple flush(bool return_grads, const py::object& reduce) {
     const Busy busy_guard(*this);
+    std::unique_ptr<py::error_already_set> failure;
+    const tbptt::Reducer reducer = python_reducer(reduce, model_dtype(cfg), failure);
     tbptt::RunResult r;
-    {
+    try {
       py::gil_scoped_release nogil;
-      r = engine->flush(return_grads);
+      r = engine->flush(return_grads, reducer);
+    } catch (const PythonError&) {
     }
+    if (failure) throw std::move(*failure);
     return pack(r, return_grads, py::none());
   }
 
@@ -647,7 +685,7 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
       .def("run", &H::run, py::arg("x"), py::arg("target"), py::arg("mask") = py::none(),
            py::arg("resets") = py::none(), py::arg("flush") = false,
            py::arg("return_grads") = false, py::arg("return_outputs") = false,
-           py::arg("on_update") = py::none())
+           py::arg("on_update") = py::none(), py::arg("reduce") = py::none())
       .def("forward", &H::forward, py::arg("x"), py::arg("resets") = py::none(),
            py::arg("state") = py::none(), py::arg("reset_state") = py::none(),
            "Forward only: (outputs [T, B, O], final state); the training state is untouched.")
@@ -675,7 +713,7 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
           "inside on_update until the next update (cpu engines).")
       .def("snapshot", &H::snapshot, "The complete training state (checkpoints).")
       .def("restore", &H::restore, py::arg("snapshot"), "Restore a snapshot() (checkpoints).")
-      .def("flush", &H::flush, py::arg("return_grads") = false)
+      .def("flush", &H::flush, py::arg("return_grads") = false, py::arg("reduce") = py::none())
       .def("state", &H::state)
       .def_property_readonly("step_count", [](const H& h) { return h.engine->step_count(); })
       .def_property_readonly("pending", [](const H& h) { return h.engine->pending(); })
@@ -760,7 +798,8 @@ PYBIND11_MODULE(_core, m) {
   bind_engine<Handle<1>>(m, "CudaEngine", "CUDA TBPTT(k1, k2) engine (tbptt/engine_api.h).")
       .def("run_device", &Handle<1>::run_device, py::arg("x"), py::arg("target"), py::arg("mask"),
            py::arg("resets"), py::arg("flush") = false, py::arg("return_grads") = false,
-           py::arg("return_outputs") = false, py::arg("on_update") = py::none())
+           py::arg("return_outputs") = false, py::arg("on_update") = py::none(),
+           py::arg("reduce") = py::none())
       .def(
           "graph_stats",
           [](const Handle<1>& h) {

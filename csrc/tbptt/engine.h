@@ -228,7 +228,7 @@ class Engine final : public EngineBase {
           forward_chunk(in, pos, n);
         },
         [&](const Block& b) {
-          update(b, in.return_grads, res);
+          update(b, in.return_grads, res, in.reduce);
           if (!in.on_update) return true;
           const size_t u = res.losses.size() - 1;
           const bool go_on =
@@ -240,14 +240,14 @@ class Engine final : public EngineBase {
     return res;
   }
 
-  RunResult flush(bool return_grads) override {
+  RunResult flush(bool return_grads, const Reducer& reduce) override {
     [[maybe_unused]] const auto guard = dev_.guard();
     dev_.params_changed();  // the caller may have changed the parameters since the last run
     RunResult res;
     sched_.run(
         0, true, [](int64_t, int64_t) {},
         [&](const Block& b) {
-          update(b, return_grads, res);
+          update(b, return_grads, res, reduce);
           return true;
         });
     dev_.sync();
@@ -799,10 +799,18 @@ class Engine final : public EngineBase {
   }
 
   // ---- update -----------------------------------------------------------
-  // The update of block b (already consumed by the schedule).
-  void update(const Block& b, bool return_grads, RunResult& res) {
+  // The update of block b (already consumed by the schedule). With a
+  // reducer (several processes) the loss sum and count, then the gradient,
+  // are replaced by their sums over all processes before they are used.
+  void update(const Block& b, bool return_grads, RunResult& res, const Reducer& reduce) {
     const int64_t t = b.t, tp = b.prev, w = b.w;
-    const auto [loss_sum, count] = dev_.take_block_loss(ring_, real_, tp + 1, t - tp, B_);
+    auto [loss_sum, count] = dev_.take_block_loss(ring_, real_, tp + 1, t - tp, B_);
+    if (reduce.block) {
+      double sums[2] = {loss_sum, count};
+      reduce.block(sums);
+      loss_sum = sums[0];
+      count = sums[1];
+    }
     const double denom = std::max(1.0, count);
     const double loss = loss_sum / denom;
     if (!std::isfinite(static_cast<T>(loss))) {
@@ -815,6 +823,7 @@ class Engine final : public EngineBase {
       act = &rc_;
     }
     backward(t, tp, w, *act, static_cast<T>(1.0 / denom));
+    if (reduce.grad) reduce_grad(reduce);
 
     const auto [sumsq, finite] = dev_.grad_status(grad_.data(), offsets_.back());
     if (!finite) {
@@ -845,6 +854,22 @@ class Engine final : public EngineBase {
     }
     res.losses.push_back(static_cast<double>(static_cast<T>(loss)));
     res.update_steps.push_back(t);
+  }
+
+  // grad_ <- the sum of every process's grad_ (Reducer::grad), through host
+  // memory on a device engine.
+  void reduce_grad(const Reducer& reduce) {
+    const int64_t n = offsets_.back();
+    if constexpr (Dev::kHostMemory) {
+      reduce.grad(grad_.data(), n);
+    } else {
+      std::vector<T> host(static_cast<size_t>(n));
+      dev_.download(host.data(), grad_.data(), n);
+      dev_.sync();
+      reduce.grad(host.data(), n);
+      dev_.upload(grad_.data(), host.data(), n);
+      dev_.sync();  // `host` goes away on return
+    }
   }
 
   // overlap="recompute": re-runs (w, t] from the stored state entering w + 1

@@ -20,6 +20,25 @@
 
 namespace tbptt {
 
+// Data-parallel training over several processes (tbptt_fast.distributed):
+// each process runs its own streams, and at every update the engine hands
+// its per-block sums to these callbacks, which replace them by the sums over
+// all processes, so every process takes the same optimizer step. Both are
+// called at every update, block first, from the thread running the engine;
+// either may throw to stop the run there (the block is consumed, parameters
+// and optimizer state are as before the update). Empty: one process.
+struct Reducer {
+  // [2]: in, this process's masked loss sum and mask count of the block;
+  // out, their sums over all processes. The block mean, the loss check and
+  // the gradient's scale then use the summed count.
+  std::function<void(double* loss_and_count)> block;
+  // [n] model dtype, host memory (a device engine stages its gradient through
+  // host memory), canonical order. In: this process's gradient, already
+  // divided by the summed count; out: its sum over all processes. Called
+  // before the gradient check, clipping and the optimizer step.
+  std::function<void(void* grad, int64_t n)> grad;
+};
+
 // Inputs of one run() call. Every pointer is borrowed from the caller for the
 // duration of the call only; none may alias another or the parameters.
 struct RunInputs {
@@ -44,6 +63,8 @@ struct RunInputs {
   // engine is consistent: completed updates kept, the stream positioned after
   // the last completed chunk. May throw to stop the run there (interrupts).
   std::function<void()> poll;
+  // Data parallel: see Reducer (empty: this process's streams are the batch).
+  Reducer reduce;
 };
 
 // Forward only (predict / evaluate): no schedule, no history, no update; the
@@ -134,7 +155,8 @@ class EngineBase {
   virtual void restore(const EngineSnapshot& snap) = 0;
 
   // Update on the pending partial block; nothing pending -> empty result.
-  virtual RunResult flush(bool return_grads) = 0;
+  // reduce: as RunInputs::reduce.
+  virtual RunResult flush(bool return_grads, const Reducer& reduce) = 0;
 
   // Batch size of the current forward state; 0 when there is none (no step
   // since the last reset and no initial state given).
