@@ -308,6 +308,21 @@ class Step:
 class Engine:
     """NumPy TBPTT(k1, k2) engine; see the module docstring for the interface."""
 
+    #: Optional diagnostics hook, None (the default: nothing is recorded and no
+    #: result changes). When set, the backward pass of every update calls
+    #: ``state_grad_hook(layer, step, d_state)`` for each layer ``k`` (top
+    #: layer first) and each step ``s`` of its window, latest first, and last
+    #: for ``s = w``: ``d_state`` is the gradient of the block loss with respect
+    #: to the state of layer ``k`` after step ``s`` (the state the step
+    #: produced, before any reset of step ``s + 1``), a tuple ``(h,)`` or
+    #: ``(h, c)`` of [B, H] arrays, model dtype; it is the complete gradient
+    #: (through the steps after ``s`` of this layer and the layers above, and
+    #: the readout). At ``s = w`` (the constant state entering the window) it
+    #: is zero where step ``w + 1`` resets. The arrays are the engine's own:
+    #: read or copy them, never write. :mod:`tbptt_fast.diagnostics` uses it
+    #: for the gradient-decay curve.
+    state_grad_hook: Callable[[int, int, tuple], None] | None = None
+
     def __init__(self, config: EngineConfig | Mapping, params: list[np.ndarray]):
         cfg = config if isinstance(config, EngineConfig) else EngineConfig.from_dict(config)
         self.cfg = cfg
@@ -490,6 +505,8 @@ class Engine:
                 if d_state is None:
                     d_state = tuple(np.zeros_like(a) for a in lay.state_in)
                 d_out = (d_state[0] + dh, *d_state[1:])
+                if self.state_grad_hook is not None:
+                    self.state_grad_hook(k, r.s, d_out)
                 dA, dU, d_direct = self.cell_def.backward(lay.cache, lay.state_in, d_out)
                 g_wih += dA.T @ lay.inp
                 g_bih += dA.sum(axis=0)
@@ -500,6 +517,8 @@ class Engine:
                 # no gradient crosses a reset: the initial state is a constant
                 keep = ~r.reset[:, None]
                 d_state = tuple(np.where(keep, d, 0) for d in d_prev)
+            if self.state_grad_hook is not None and d_state is not None:
+                self.state_grad_hook(k, w, d_state)
             dh_from_above = d_inp
         if self.embedding:
             # the layer-0 input gradient, summed into the rows that were looked up
