@@ -117,7 +117,26 @@ def test_cuda_torch_tensors_in_place():
     _assert_same(r1, r2, host.model, dev.model)
 
 
-@pytest.mark.parametrize("case", ["x_nan", "target_inf_read", "mask_nan", "label"])
+OVERFLOW_NOT_CHECKED = pytest.mark.xfail(
+    strict=True,
+    reason="bug (issue 15): the CUDA engine's scan_device 'finite' judges each value as read "
+    "(isfinite(load_double(a, i)) in csrc/cuda/inputs.cuh scan_kernel), not after the cast to "
+    "the model dtype: float64 1e39 into a float32 model passes and becomes Inf in the gather, "
+    "a NonFiniteError mid-fit instead of the host path's ValueError",
+)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "x_nan",
+        "target_inf_read",
+        "mask_nan",
+        "label",
+        pytest.param("x_overflow", marks=OVERFLOW_NOT_CHECKED),
+        pytest.param("target_overflow_read", marks=OVERFLOW_NOT_CHECKED),
+    ],
+)
 def test_cuda_device_validation_matches_host(cp, case):
     loss = "cross_entropy" if case == "label" else "mse"
     host, dev = _trainers("float32", loss)
@@ -130,6 +149,13 @@ def test_cuda_device_validation_matches_host(cp, case):
         y[r, b, 1] = -np.inf
     elif case == "mask_nan":
         mask[3, 0] = np.nan
+    elif case == "x_overflow":  # finite as float64, Inf in the float32 model
+        x = x.astype(np.float64)
+        x[4, 1, 2] = 1e39
+    elif case == "target_overflow_read":
+        y = y.astype(np.float64)
+        r, b = np.argwhere(mask)[-1]
+        y[r, b, 1] = -1e39
     else:
         r, b = np.argwhere(mask)[2]
         y[r, b] = 4

@@ -193,6 +193,8 @@ def _host_error(tr, *args, **kw):
         "resets_shape",
         "label",
         "label_u64",
+        "x_overflow",
+        "target_overflow_read",
     ],
 )
 def test_device_validation_says_what_the_host_path_says(case):
@@ -220,6 +222,13 @@ def test_device_validation_says_what_the_host_path_says(case):
         y = y.astype(np.uint64)
         r, b = np.argwhere(mask)[2]
         y[r, b] = 2**64 - 1
+    elif case == "x_overflow":  # finite as float64, Inf in the float32 model
+        x = x.astype(np.float64)
+        x[4, 1, 2] = 1e39
+    elif case == "target_overflow_read":
+        y = y.astype(np.float64)
+        r, b = np.argwhere(mask)[-1]
+        y[r, b, 1] = -1e39
     expected = _host_error(host, x, y, **kw)
     dev_kw = {k: FakeCuda(v) for k, v in kw.items()}
     got = _host_error(dev, FakeCuda(x), FakeCuda(y), **dev_kw)

@@ -75,6 +75,14 @@ def test_unbounded_history_growth_is_checked_before_the_call():
     assert len(trainer.fit(x, y).losses) == 2
 
 
+def _in_engine(thread_id) -> bool:
+    """Whether that thread is inside an engine call (``Trainer._run``), read from
+    its Python frame: polling the engine's own counters from here would be the
+    very data race (ThreadSanitizer reports it) that the trainer refuses."""
+    frame = sys._current_frames().get(thread_id)
+    return frame is not None and frame.f_code.co_name == "_run"
+
+
 def test_a_second_thread_gets_a_clear_error_not_a_race():
     model = tb.Model("lstm", 16, 32, 4)
     trainer = tb.Trainer(model, k1=8, backend="cpu")
@@ -90,7 +98,7 @@ def test_a_second_thread_gets_a_clear_error_not_a_race():
     th = threading.Thread(target=long_fit)
     th.start()
     started.wait()
-    while trainer._engine.step_count == 0:  # the long fit is inside the engine
+    while not _in_engine(th.ident):  # the long fit is inside the engine
         time.sleep(0.001)
     deadline = time.monotonic() + 5
     while not errors and th.is_alive() and time.monotonic() < deadline:
@@ -99,8 +107,17 @@ def test_a_second_thread_gets_a_clear_error_not_a_race():
         except RuntimeError as e:
             errors.append(str(e))
         time.sleep(0.01)
+    # reading what the engine writes (without the GIL) is refused too, not a race
+    reads = []
+    for prop in ("step_count", "pending", "state"):
+        try:
+            getattr(trainer, prop)
+        except RuntimeError as e:
+            reads.append(str(e))
+    alive = th.is_alive()
     th.join()
     assert errors and "not thread-safe" in errors[0]
+    assert not alive or (len(reads) == 3 and all("not thread-safe" in e for e in reads))
     # the long fit ran to the end, undisturbed
     assert trainer._engine.step_count == 40000
 
@@ -108,15 +125,16 @@ def test_a_second_thread_gets_a_clear_error_not_a_race():
 def test_ctrl_c_stops_a_native_fit_quickly_and_leaves_it_consistent():
     script = textwrap.dedent(
         """
-        import os, signal, threading, time
+        import os, signal, sys, threading, time
         import numpy as np, tbptt_fast as tb
         m = tb.Model("lstm", 16, 32, 4)
         t = tb.Trainer(m, k1=8, backend="cpu")
         x = np.random.default_rng(0).standard_normal((2_000_000, 4, 16)).astype(np.float32)
         y = np.zeros((2_000_000, 4, 4), np.float32)
         sent = []
-        def interrupt():  # once the fit is inside the engine
-            while t._engine.step_count == 0:
+        main = threading.get_ident()
+        def interrupt():  # once the fit is inside the engine (Trainer._run)
+            while sys._current_frames()[main].f_code.co_name != "_run":
                 time.sleep(0.001)
             time.sleep(0.2)
             sent.append(time.perf_counter())
@@ -243,20 +261,23 @@ def test_numpy_trainer_from_a_second_thread_is_refused():
     errors: list[str] = []
     th = threading.Thread(target=trainer.fit, args=(x, y))
     th.start()
-    while trainer.step_count == 0:
+    while not trainer._busy.locked():
         time.sleep(0.001)
     for call in (
         lambda: trainer.fit(x[:4], y[:4]),
         lambda: trainer.step(x[0], y[0]),
         trainer.flush,
         trainer.reset_state,
+        lambda: trainer.step_count,
+        lambda: trainer.pending,
+        lambda: trainer.state,
     ):
         try:
             call()
         except RuntimeError as e:
             errors.append(str(e))
     th.join()
-    assert len(errors) == 4 and all("not thread-safe" in e for e in errors)
+    assert len(errors) == 7 and all("not thread-safe" in e for e in errors)
     assert trainer.step_count == 3000  # the long fit ran undisturbed
 
 

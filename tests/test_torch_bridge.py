@@ -731,6 +731,53 @@ def test_bad_token_ids_and_nan_parameters_refused():
     assert runner.step_count == 0 and runner.state is None
 
 
+def test_data_too_large_or_overflowing_the_modules_dtype_refused():
+    """The bridge's data go through Trainer's checks: a broadcast batch whose copy
+    cannot fit in memory, and float64 values that overflow float32 modules, are
+    refused naming the argument, with nothing changed."""
+    mods = make_modules("gru", dtype="float32")
+    opt = torch.optim.SGD(params_of(mods), lr=0.1)
+    runner = TBPTT(mods[0], mods[1], k1=3)
+    before = snapshot(mods)
+    huge_x = torch.zeros(1, 1, D).expand(2, 10**11, D)
+    huge_y = torch.zeros(1, 1, O).expand(2, 10**11, O)
+    with pytest.raises(MemoryError, match=r"^x: .* \d+ bytes"):
+        runner.fit(huge_x, huge_y, opt)
+    with pytest.raises(MemoryError, match=r"^x_t: .* \d+ bytes"):
+        runner.step(huge_x[0], huge_y[0], opt)
+    x, target, _, _ = make_data(6, "mse")  # float64
+    x[4, 1, 2] = 1e39
+    with pytest.raises(ValueError, match=r"^x must be finite in the model dtype float32.*1e\+39"):
+        runner.fit(x, target, opt)
+    h0 = torch.zeros(1, B, H, dtype=torch.float64)
+    h0[0, 2, 1] = -1e39
+    with pytest.raises(ValueError, match=r"^initial_state\[0\] must be finite in the model"):
+        runner.reset_state(h0)
+    for k, v in snapshot(mods).items():
+        assert torch.equal(v, before[k]), k
+    assert runner.step_count == 0 and runner.state is None
+
+
+def test_bfloat16_data_and_state_dicts_are_read_as_float32():
+    """bfloat16 has no NumPy dtype (torch's .numpy() raises 'Got unsupported
+    ScalarType BFloat16'): data and state dicts in it are widened, exactly."""
+    x, target, _, _ = make_data(6, "mse", dtype="float32")
+    xb, tb16 = x.to(torch.bfloat16), target.to(torch.bfloat16)
+    results = []
+    for data in ((xb, tb16), (xb.float(), tb16.float())):
+        mods = make_modules("gru", dtype="float32")
+        opt = torch.optim.SGD(params_of(mods), lr=0.1)
+        results.append(TBPTT(mods[0], mods[1], k1=3).fit(*data, opt).losses)
+    np.testing.assert_array_equal(results[0], results[1])
+    model = tb.Model("gru", D, H, O, seed=0)
+    sd = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in model.state_dict().items()}
+    model.load_state_dict(sd)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k].float().numpy(), err_msg=k)
+    out = model.predict(xb, backend="numpy").outputs
+    np.testing.assert_array_equal(out, model.predict(xb.float(), backend="numpy").outputs)
+
+
 def test_import_tbptt_fast_does_not_import_torch():
     code = (
         "import sys, tbptt_fast, tbptt_fast.bench\n"

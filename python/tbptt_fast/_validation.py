@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import _to_numpy
+from .model import _memory_bytes, _to_numpy
 from .reference import PAIRED, state_count
 
 
@@ -24,6 +24,56 @@ def check_k(name: str, value, *, allow_none: bool = False) -> int | None:
     if value >= 2**63:  # what the engines' 64-bit step counts hold
         raise ValueError(f"{name} must be < 2**63, got {value}")
     return int(value)
+
+
+def check_bytes(name: str, shape, itemsize: int, what: str) -> None:
+    """Refuse, before it is allocated, an array of ``shape`` and ``itemsize``
+    that argument ``name`` asks for (``what``: what the array is, for the
+    message): a ValueError when its size does not fit in 64 bits, a
+    MemoryError when it is larger than this machine's memory. Sizes are
+    counted with Python ints (no overflow)."""
+    nbytes = int(itemsize)
+    for n in shape:
+        nbytes *= int(n)
+    if nbytes >= 2**63:
+        raise ValueError(
+            f"{name}: {what} of shape {_fmt(shape)} would need {nbytes} bytes, "
+            "which does not fit in 64 bits"
+        )
+    limit = _memory_bytes()
+    if nbytes > limit:
+        raise MemoryError(
+            f"{name}: {what} of shape {_fmt(shape)} needs {nbytes} bytes, more than this "
+            f"machine's memory ({limit} bytes)"
+        )
+
+
+def check_batch(name: str, model, batch: int, backend: str) -> None:
+    """Refuse a batch whose state and one step's activations alone (the least
+    any engine holds: the state in and out, the gates of every layer and the
+    readout) are more than this machine's memory, before an engine allocates
+    them. Host backends only: the cuda engine checks against the GPU's memory.
+    ``name``: the argument the batch size comes from."""
+    if backend not in ("numpy", "cpu"):
+        return
+    S, G = state_count(model.cell), model.gates
+    per = model.num_layers * (2 * S + G) * model.hidden_size + model.output_size
+    nbytes = int(batch) * per * np.dtype(model.dtype).itemsize
+    limit = _memory_bytes()
+    if nbytes > limit:
+        raise MemoryError(
+            f"{name} has batch size {batch}: the state and one step's activations of that "
+            f"batch need {nbytes} bytes, more than this machine's memory ({limit} bytes)"
+        )
+
+
+def _check_copy(name: str, a: np.ndarray, dtype) -> None:
+    """:func:`check_bytes` for the C-contiguous ``dtype`` copy of ``a`` that a
+    validator makes, when it makes one (a broadcast view of a huge shape is
+    cheap to pass; its copy is not)."""
+    dtype = np.dtype(dtype)
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        check_bytes(name, a.shape, dtype.itemsize, f"its contiguous {dtype} copy")
 
 
 def finite_params(model) -> None:
@@ -86,6 +136,7 @@ def float_array(
     """
     a = _to_numpy(value)
     float_layout(name, a, expected, labels)
+    _check_copy(name, a, dtype)
     # checked after the cast: a value too large for ``dtype`` becomes Inf there
     with np.errstate(over="ignore", invalid="ignore"):
         out = np.ascontiguousarray(a, dtype=dtype)
@@ -123,6 +174,7 @@ def token_ids(name, value, expected, labels, vocab_size: int, *, offset=None) ->
     integer_layout(name, a, expected, labels, f"of token ids in [0, {vocab_size})")
     if 0 in a.shape:
         raise ValueError(f"{name} must not be empty, got shape {_fmt(a.shape)}")
+    _check_copy(name, a, np.int64)  # also bounds the range check's temporaries
     bad = (a < 0) | (a >= vocab_size)
     if np.any(bad):
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
@@ -153,6 +205,7 @@ def flag_array(name, value, shape, labels) -> np.ndarray | None:
         return None
     a = _to_numpy(value)
     flag_layout(name, a, shape, labels)
+    check_bytes(name, a.shape, 1, "its bool copy")
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must not contain NaN or Inf")
     return a != 0
@@ -166,6 +219,7 @@ def class_target(name, value, shape, labels, num_classes, read, *, offset=None) 
     int64, 0 where not read. ``offset`` as :func:`float_array`."""
     a = _to_numpy(value)
     integer_layout(name, a, shape, labels, CLASS_WHAT)
+    _check_copy(name, a, np.int64)
     bad = (a < 0) | (a >= num_classes)
     if read is not None:
         bad &= read
@@ -255,6 +309,8 @@ def device_data(
     ``_device.cuda_array``, None for an argument that is None). Shapes and
     dtypes are checked here; values on the device by ``scan`` (the CUDA
     engine's ``scan_device``), in the host path's order and with its messages.
+    ``scan``'s "finite" must judge each value after the cast to the model
+    dtype, as the host path does (a finite value it reports overflows there).
     Returns the engine's ``run_device`` data arguments ``(x, target, mask,
     resets)``, with a time axis added for ``step``; ``batch_first`` data
     ([B, T, ...], checked and reported in that order) become time-major views
@@ -284,9 +340,19 @@ def device_data(
         idx = None if bad < 0 else [int(i) for i in np.unravel_index(bad, view.shape)]
         return idx, value, ivalue
 
+    def not_finite(name, value, idx):
+        # the engine checks in the model dtype: a finite value reported bad
+        # overflows there (float64 1e39 into float32), as on the host path
+        if np.isfinite(value):
+            return ValueError(
+                f"{name} must be finite in the model dtype {np.dtype(model.dtype)}, found "
+                f"{value} at index {idx}, which overflows to Inf in that dtype"
+            )
+        return ValueError(f"{name} must be finite, found {value} at index {idx}")
+
     idx, value, _ = first_bad(x_name, x, "finite")
     if idx is not None:
-        raise ValueError(f"{x_name} must be finite, found {value} at index {idx}")
+        raise not_finite(x_name, value, idx)
     lead_shape = x.shape[: len(lead)]
     for name, view in ((m_name, m), (r_name, r)):
         if view is None:
@@ -301,7 +367,7 @@ def device_data(
         _check_shape(t_name, t, (*lead_shape, model.output_size), (*lead, "O"))
         idx, value, _ = first_bad(t_name, t, "finite", m, mask_div=model.output_size)
         if idx is not None:
-            raise ValueError(f"{t_name} must be finite, found {value} at index {idx}")
+            raise not_finite(t_name, value, idx)
     else:
         if t.dtype.kind not in "iu":
             raise TypeError(

@@ -63,6 +63,7 @@ def sample(
     V.check_choice("backend", backend, ("numpy", "cpu", "cuda"))
     prime = V.token_ids("prime_ids", prime_ids, (None,), ("T",), model.vocab_size)
     n = _count("n", n)
+    V.check_bytes("n", (n,), np.dtype(np.int64).itemsize, "the generated ids (int64)")
     if isinstance(temperature, (bool, np.bool_)) or not isinstance(
         temperature, (int, float, np.integer, np.floating)
     ):

@@ -126,6 +126,7 @@ class _Stream:
             V.float_layout("x", self.x, (None, None, model.input_size), (*self.lead, "D"))
         self.shape = self.x.shape[:2]  # in the caller's order
         self.T, self.B = self.shape[::-1] if self.batch_first else self.shape
+        V.check_batch("x", model, self.B, self.backend)
         self.resets = self.layout_flags("resets", resets)
         self.init = None if state is None else V.initial_state(state, model, self.B, "state")
 
@@ -186,10 +187,9 @@ def predict(model, x, state=None, resets=None, backend="cpu", batch_first=False)
     """See :meth:`Model.predict`."""
     stream = _Stream(model, x, resets, state, backend, batch_first)
     O = model.output_size
-    if stream.batch_first:
-        outputs = np.empty((stream.B, stream.T, O), model.dtype)
-    else:
-        outputs = np.empty((stream.T, stream.B, O), model.dtype)
+    shape = (stream.B, stream.T, O) if stream.batch_first else (stream.T, stream.B, O)
+    V.check_bytes("x", shape, np.dtype(model.dtype).itemsize, "the outputs")
+    outputs = np.empty(shape, model.dtype)
 
     def keep(lo, hi, y):
         if stream.batch_first:

@@ -26,6 +26,9 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
+_NUMPY_FLOATS = ("torch.float16", "torch.float32", "torch.float64")
+
+
 def _to_numpy(value) -> np.ndarray:
     """A NumPy view of an array-like, including torch tensors (on any device).
 
@@ -33,7 +36,12 @@ def _to_numpy(value) -> np.ndarray:
     TypeError: what reads this wants host memory.
     """
     if is_torch(value):
-        return value.detach().cpu().numpy()
+        t = value.detach().cpu()
+        if t.is_floating_point() and str(t.dtype) not in _NUMPY_FLOATS:
+            # bfloat16 and the float8 types have no NumPy dtype (``.numpy()``
+            # raises "Got unsupported ScalarType"): widened to float32, exactly
+            t = t.float()
+        return t.numpy()
     if not isinstance(value, np.ndarray) and cuda_array(value) is not None:
         raise TypeError(
             f"got a CUDA array ({type(value).__name__}) where a host array is read: "
@@ -219,8 +227,10 @@ class Model:
         cast to the model's dtype. A ``torch.nn.LSTM``'s state dict plus a
         ``torch.nn.Linear``'s under the prefix ``readout.`` loads as is.
         Raises ``ValueError``/``TypeError`` naming the entry; on error nothing
-        is changed. Values are not checked for NaN here (as in PyTorch); a
-        trainer refuses non-finite parameters before its next step.
+        is changed. A finite value that overflows to Inf in the model dtype
+        (float64 ``1e39`` into float32) is a ``ValueError`` naming the entry;
+        NaN and Inf themselves are not refused here (as in PyTorch): a trainer
+        refuses non-finite parameters before its next step.
         """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -240,7 +250,17 @@ class Model:
                 raise ValueError(
                     f"state_dict[{name!r}] must have shape {list(shape)}, got {list(a.shape)}"
                 )
-            new[name] = a.astype(self.dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = a.astype(self.dtype)
+            # a finite value too large for the model dtype would become Inf there
+            overflow = ~np.isfinite(cast) & np.isfinite(a)
+            if overflow.any():
+                idx = [int(i) for i in np.argwhere(overflow)[0]]
+                raise ValueError(
+                    f"state_dict[{name!r}] must be finite in the model dtype {self.dtype}, "
+                    f"found {a[tuple(idx)]} at index {idx}, which overflows to Inf in that dtype"
+                )
+            new[name] = cast
         for name, a in new.items():
             np.copyto(self._params[name], a)  # in place: engines hold these arrays
         self._version += 1

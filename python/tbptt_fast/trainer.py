@@ -212,6 +212,7 @@ class Trainer:
         self._batch = None  # batch size of the stream, once known
         self._last_batch = None  # the last batch size seen, kept across resets
         self._busy = threading.Lock()  # held by every call that uses the engine
+        self._owner = None  # the thread holding it (threading.get_ident())
         model._trainers.add(self)
 
     # -- one call at a time ----------------------------------------------------------
@@ -222,10 +223,25 @@ class Trainer:
         (the native engines' own check says the same)."""
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(BUSY)
+        self._owner = threading.get_ident()
         try:
             yield
         finally:
+            self._owner = None
             self._busy.release()
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """For the properties that read the engine (``state``, ``step_count``,
+        ``pending``): the thread running a call may read (its ``on_update``
+        callbacks, where the engine is paused); another thread gets the same
+        clear error as a call, instead of reading what the engine writes
+        without the GIL (a data race ThreadSanitizer reports)."""
+        if self._owner == threading.get_ident():
+            yield
+            return
+        with self._exclusive():
+            yield
 
     # -- validation ---------------------------------------------------------------
     def _check_params(self) -> None:
@@ -318,6 +334,7 @@ class Trainer:
                 x_name, x, (*(None,) * len(lead), m.input_size), (*lead, "D"), m.dtype
             )
         lead_shape = xa.shape[: len(lead)]
+        V.check_batch(x_name, m, lead_shape[0 if batch_first or step else 1], self.backend)
         mask_b = V.flag_array(m_name, mask, lead_shape, lead)
         reset_b = V.flag_array(r_name, resets, lead_shape, lead)
         if self.loss == "mse":
@@ -521,7 +538,8 @@ class Trainer:
         ``(h, c)`` for lstm and cifg (copies). After ``reset_state()`` without
         an initial state it is zeros of the last batch size seen; None before
         any batch size is known (a new trainer that has not stepped)."""
-        flat = self._engine.state()
+        with self._reading():
+            flat = self._engine.state()
         if flat is None:
             if self._last_batch is None:
                 return None
@@ -533,12 +551,14 @@ class Trainer:
     @property
     def step_count(self) -> int:
         """Steps since the last trainer-level reset."""
-        return int(self._engine.step_count)
+        with self._reading():
+            return int(self._engine.step_count)
 
     @property
     def pending(self) -> int:
         """Steps since the previous update (the pending block's length)."""
-        return int(self._engine.pending)
+        with self._reading():
+            return int(self._engine.pending)
 
     def _named(self, grads):
         names = self.model.param_names()
