@@ -1,4 +1,4 @@
-"""The command line: ``tbptt-fast train | evaluate | generate | bench``.
+"""The command line: ``tbptt-fast train | evaluate | generate | advise | bench``.
 
 ``train`` runs TBPTT(k1, k2) on a built-in task (:mod:`tbptt_fast.tasks`) or on
 the user's data (:mod:`tbptt_fast.data`), showing progress
@@ -7,7 +7,9 @@ the user's data (:mod:`tbptt_fast.data`), showing progress
 ``trainer.optimizer.lr``, and with ``--out DIR`` writing the latest and the best
 checkpoint there; ``--resume DIR`` continues such a run exactly where its
 latest checkpoint stopped. Several ``--k2`` values run one training each and
-compare them. ``evaluate`` scores a checkpoint, ``generate`` samples text.
+compare them. ``evaluate`` scores a checkpoint, ``generate`` samples text,
+``advise`` measures gradient decay and truncation bias and recommends k1 and k2
+(:mod:`tbptt_fast.diagnostics`).
 
 Exit codes: 0 success, 1 a failure while running (e.g. the loss diverged),
 2 a usage error (a bad option, a bad file), 130 stopped by Ctrl-C or SIGTERM
@@ -416,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--debug", action="store_true", help="show tracebacks instead of one-line errors"
     )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data parallel over MPI: run under 'mpiexec -n N'; the --batch streams are split "
+        "across the N processes, the result equals one process (needs tbptt-fast[mpi]; one "
+        "k2, no --resume; --out gets latest.ckpt, a distributed checkpoint, and model.ckpt)",
+    )
 
     # -- evaluate ------------------------------------------------------------------
     ev = sub.add_parser(
@@ -489,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ge.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    _advise_parser(sub)
     sub.add_parser(
         "bench",
         help="benchmarks against a NumPy loop and PyTorch (see 'tbptt-fast bench --help')",
@@ -632,6 +642,16 @@ def _set_threads(n) -> None:
 
 
 def _train(args) -> int:
+    if getattr(args, "distributed", False):
+        from .distributed import cli_train
+
+        return cli_train(args, _train_run)
+    return _train_run(args)
+
+
+def _train_run(args, distributed=None) -> int:
+    """``train``; ``distributed(run, out)``, when given, sets up a run's trainer
+    over MPI (``run.trainer``) and returns the folder the run itself writes to."""
     stop = StopFlag()
     if args.plot:
         check_matplotlib()
@@ -709,6 +729,8 @@ def _train(args) -> int:
                 return EXIT_INTERRUPTED
             label = f"[k2={k2_name(k2)}]" if sweep else ""
             run = Run(cfg, k2, task, run_dir, label, args.progress, stop)
+            if distributed is not None:
+                run.out = run_dir = distributed(run, run_dir)
             latest = os.path.join(run_dir, "latest.ckpt") if run_dir else None
             if args.resume and latest and os.path.exists(latest):
                 _resume_into(run, latest)
@@ -985,6 +1007,258 @@ def _generate(args) -> int:
 
 
 # ----------------------------------------------------------------------------
+# advise
+# ----------------------------------------------------------------------------
+
+# A fresh model's options; with a checkpoint they are refused (it has its own).
+_FRESH_MODEL = ("cell", "layers", "hidden", "embed", "dtype")
+
+
+def _advise_parser(sub) -> None:
+    ad = sub.add_parser(
+        "advise",
+        help="measure gradient decay and truncation bias, and recommend k1 and k2",
+        description="Measure, for a model (a checkpoint, or a fresh one) on a task or data,\n"
+        "how the gradient of a loss decays with the lag, and how far the TBPTT(k1, k2)\n"
+        "update gradient is from the untruncated one for a range of k2; then recommend\n"
+        "the smallest k2 whose cosine with the untruncated gradient reaches --threshold,\n"
+        "and the k1 with the best measured speed per unit of bias at that k2.",
+        epilog="examples:\n"
+        "  tbptt-fast train --task echo --delay 8 --k2 16 --out runs/echo\n"
+        "  tbptt-fast advise runs/echo/best.ckpt --plot echo.png\n"
+        "  tbptt-fast advise --task reber --json advice.json   # a fresh model\n"
+        "  tbptt-fast advise --text book.txt --steps 2000",
+        formatter_class=_Formatter,
+    )
+    ad.add_argument(
+        "checkpoint",
+        nargs="?",
+        metavar="CKPT",
+        help="a trained model (.ckpt from 'train --out', or Model.save); without it, a "
+        "fresh model of --cell/--hidden/... (default: the train command's)",
+    )
+    _data_options(ad, evaluate=True)
+    g = ad.add_argument_group("the data and a fresh model")
+    g.add_argument(
+        "--steps",
+        type=_positive,
+        metavar="N",
+        help="steps per stream to measure on: a task's generated length, or the first N "
+        "steps of a file (default 4096)",
+    )
+    g.add_argument("--batch", type=_positive, metavar="B", help="streams (default: as in train)")
+    g.add_argument(
+        "--seed", type=_nonneg, metavar="N", help="seed of a task's streams and a fresh model"
+    )
+    g.add_argument("--cell", choices=CELLS, help="fresh model: the cell (default lstm)")
+    g.add_argument("--layers", type=_positive, metavar="L", help="fresh model: layers")
+    g.add_argument("--hidden", type=_positive, metavar="H", help="fresh model: hidden size")
+    g.add_argument("--embed", type=_positive, metavar="E", help="fresh model: embedding size")
+    g.add_argument("--dtype", choices=("float32", "float64"), help="fresh model: dtype")
+    g = ad.add_argument_group("the measurements")
+    g.add_argument(
+        "--lags",
+        type=_positive,
+        default=64,
+        metavar="J",
+        help="decay curve: the largest lag (default 64)",
+    )
+    g.add_argument(
+        "--positions",
+        type=_positive,
+        default=16,
+        metavar="P",
+        help="decay curve: steps t averaged over (default 16)",
+    )
+    g.add_argument(
+        "--decay-threshold",
+        type=_number(0.0, lo_open=True),
+        default=0.01,
+        metavar="R",
+        help="decay curve: the ratio whose lag is reported (default 0.01)",
+    )
+    g.add_argument(
+        "--k1",
+        type=_positive,
+        default=1,
+        metavar="K1",
+        help="the k1 of the k2 sweep (default 1: every loss sees exactly k2 steps)",
+    )
+    g.add_argument(
+        "--k2",
+        type=_k2_list,
+        metavar="K2[,K2...]",
+        help="the windows to measure, 'none' included (default: the powers of two up to "
+        "min(128, steps/2) and none, then every k2 between the two around --threshold)",
+    )
+    g.add_argument(
+        "--k1-candidates",
+        type=_k2_list,
+        metavar="K1[,K1...]",
+        help="the k1 values timed at the chosen k2 (default 1, 2, 4, ... up to k2, and k2)",
+    )
+    g.add_argument(
+        "--segments",
+        type=_positive,
+        default=8,
+        metavar="S",
+        help="truncation bias: segments compared (default 8)",
+    )
+    g.add_argument(
+        "--segment-steps",
+        type=_positive,
+        metavar="N",
+        help="truncation bias: steps per segment (default 2 * largest k2 + k1)",
+    )
+    g.add_argument(
+        "--threshold",
+        type=_number(0.0, 1.0, lo_open=True, hi_open=False),
+        default=0.95,
+        metavar="COS",
+        help="the cosine the recommended window must reach (default 0.95)",
+    )
+    g.add_argument(
+        "--lr",
+        type=_number(0.0, lo_open=True),
+        metavar="LR",
+        help="also measure with moving weights (training at this learning rate through "
+        "each segment), for both overlap rules (default: frozen weights only)",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="sgd",
+        help="with --lr: the optimizer (default sgd)",
+    )
+    g.add_argument(
+        "--overlap",
+        choices=("stored", "recompute"),
+        default="stored",
+        help="with --lr: the rule the recommendation is checked under (default stored)",
+    )
+    g = ad.add_argument_group("running and output")
+    g.add_argument(
+        "--backend",
+        choices=("cpu", "numpy", "cuda"),
+        help="the engine of the bias runs and the timing (default cpu); the decay curve "
+        "always uses the numpy reference",
+    )
+    g.add_argument("--threads", type=_positive, metavar="N", help="threads of the cpu engine")
+    g.add_argument("--json", metavar="FILE", help="write the measurements as JSON ('-': stdout)")
+    g.add_argument(
+        "--plot",
+        nargs="?",
+        const="advise.png",
+        metavar="PNG",
+        help="a PNG of both curves (default name advise.png); needs matplotlib",
+    )
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _advise_config(args) -> tuple:
+    """(model or None for a fresh one, cfg): the data's configuration, as train's."""
+    model = None
+    if args.checkpoint:
+        given = [k for k in _FRESH_MODEL if getattr(args, k) is not None]
+        if given:
+            names = ", ".join("--" + k for k in given)
+            raise UsageError(f"{names}: the checkpoint has its own model (drop them or CKPT)")
+        model, meta = _load_model(args.checkpoint)
+        cfg = _eval_config(args, (meta or {}).get("config"))
+    else:
+        keys = {*COMMON, "steps", "batch", "embed", "hidden", "k1", "k2", "val_every"}
+        keys |= {"save_every", "lr_step", "backend", "momentum", "lr_gamma", "lr", "epochs"}
+        ns = argparse.Namespace(**dict.fromkeys(keys))
+        for k in (
+            *("task", "text", "data", "delay", "length", "columns", "target_columns"),
+            *("standardize", "seed", *_FRESH_MODEL),
+        ):
+            setattr(ns, k, getattr(args, k, None))
+        cfg = _resolve(ns)
+    cfg["val"] = 0.0
+    cfg["steps"] = args.steps or 4096
+    if args.batch:
+        cfg["batch"] = args.batch
+    if args.seed is not None:
+        cfg["seed"] = args.seed
+    return model, cfg
+
+
+def _advise(args) -> int:
+    import tbptt_fast as tb
+
+    from . import diagnostics as diag
+    from .runs import make_model
+
+    if args.plot:
+        check_matplotlib()
+    _set_threads(args.threads)
+    backend = args.backend or _default_backend()
+    if backend == "cuda" and not tb.cuda_available():
+        raise Failure("--backend cuda: no usable CUDA GPU here (try --backend cpu)")
+    model, cfg = _advise_config(args)
+    task = build_task(cfg, val_steps=0)
+    if model is None:
+        model = make_model(cfg, task)
+        origin = f"a fresh model (seed {cfg['seed']})"
+    else:
+        _check_fit(args.checkpoint, model, task)
+        origin = args.checkpoint
+    split = task.train.window(0, args.steps or 4096)
+    optimizer = None
+    if args.lr is not None:
+        optimizer = tb.Adam(lr=args.lr) if args.optimizer == "adam" else tb.SGD(lr=args.lr)
+    elif args.optimizer != "sgd" or args.overlap != "stored":
+        raise UsageError("--optimizer and --overlap apply with --lr only")
+    k1s = args.k1_candidates
+    if k1s is not None and None in k1s:
+        raise UsageError("--k1-candidates: k1 must be an int >= 1")
+    quiet = args.json == "-"
+    say = (lambda *a: None) if quiet else print
+    say(task.title)
+    say(f"{origin}: {model!r}")
+    say(
+        f"measured on {split.batch} streams x {split.steps:,} steps, backend {backend} "
+        "(decay curve: numpy reference)"
+    )
+    say()
+    advice = diag.advise(
+        model,
+        split.x,
+        split.target,
+        split.mask,
+        split.resets,
+        loss=task.loss,
+        threshold=args.threshold,
+        k1_base=args.k1,
+        k2s=args.k2,
+        k1s=k1s,
+        lags=args.lags,
+        positions=args.positions,
+        decay_threshold=args.decay_threshold,
+        segments=args.segments,
+        segment_steps=args.segment_steps,
+        optimizer=optimizer,
+        overlap=args.overlap,
+        backend=backend,
+    )
+    for line in advice.lines():
+        say(line)
+    if args.json:
+        doc = {"task": task.title, "model": repr(model), **advice.as_dict()}
+        text = json.dumps(doc, indent=1) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            atomic_text(args.json, text)
+            say(f"json: {args.json}")
+    if args.plot:
+        path = diag.plot(advice, args.plot, title=f"{task.title.split(':')[0]}, {model!r}")
+        say(f"plot: {path}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------
 
@@ -998,14 +1272,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(bench_main(argv[1:]) or 0)
     debug = "--debug" in argv
     prog = "tbptt-fast" + (
-        f" {argv[0]}" if argv and argv[0] in ("train", "evaluate", "generate") else ""
+        f" {argv[0]}" if argv and argv[0] in ("train", "evaluate", "generate", "advise") else ""
     )
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
-        command = {"train": _train, "evaluate": _evaluate, "generate": _generate}[args.command]
+        command = {
+            "train": _train,
+            "evaluate": _evaluate,
+            "generate": _generate,
+            "advise": _advise,
+        }[args.command]
         return command(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -1024,4 +1303,9 @@ def main(argv: list[str] | None = None) -> int:
             if not debug:
                 msg += " (run with --debug for the traceback)"
         print(f"{prog}: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE if usage else EXIT_FAILURE
+        code = EXIT_USAGE if usage else EXIT_FAILURE
+        if "--distributed" in argv:  # a failure on this rank only would leave the others waiting
+            from .distributed import abort_unless_agreed
+
+            abort_unless_agreed(e, code)
+        return code
