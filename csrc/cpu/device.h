@@ -453,13 +453,39 @@ class Device {
     }
   }
 
+  // The cells' pointwise passes. Outside a batch group (one group: large
+  // W_hh) a large step is cut into row blocks on the pool; every row is
+  // computed the same way whatever the blocks, so the cut may follow the
+  // thread count.
   template <typename Cell>
   void cell_forward(const cells::StepFwd<T>& s) {
-    forward_pass(Cell{}, s);
+    const int64_t blocks = row_blocks(s.batch, s.gh);
+    if (blocks <= 1) {
+      forward_pass(Cell{}, s);
+      return;
+    }
+    const int64_t rows = (s.batch + blocks - 1) / blocks;
+    parallel_for(threads_, blocks, [&](int64_t i) {
+      const int64_t b0 = i * rows;
+      if (b0 < s.batch) forward_pass(Cell{}, s.rows(b0, std::min(rows, s.batch - b0)));
+    });
   }
   template <typename Cell>
   void cell_backward(const cells::StepBwd<T>& s, bool has_carry) {
-    backward_pass(Cell{}, s, has_carry);
+    const int64_t blocks = row_blocks(s.batch, s.gh);
+    if (blocks <= 1) {
+      backward_pass(Cell{}, s, has_carry);
+      return;
+    }
+    const int64_t rows = (s.batch + blocks - 1) / blocks;
+    parallel_for(threads_, blocks, [&](int64_t i) {
+      const int64_t b0 = i * rows;
+      if (b0 < s.batch) backward_pass(Cell{}, s.rows(b0, std::min(rows, s.batch - b0)), has_carry);
+    });
+  }
+  int64_t row_blocks(int64_t batch, int64_t width) const {
+    if (threads_ <= 1 || in_task() || batch * width < kPointwiseMinElems) return 1;
+    return std::min<int64_t>(batch, threads_);
   }
 
   // ---- loss ---------------------------------------------------------------
@@ -613,7 +639,8 @@ class Device {
   }
 
  private:
-  static constexpr int64_t kChunk = 65536;  // elements per task of elementwise passes
+  static constexpr int64_t kChunk = 65536;              // elements per task of elementwise passes
+  static constexpr int64_t kPointwiseMinElems = 16384;  // gate values of a step worth splitting
 
   // f(j0, j1) over [0, n) in chunks of kChunk on the pool (elementwise work:
   // any split gives the same result).

@@ -1,19 +1,25 @@
 // The CPU engine's thread pool: see pool.h for the contract.
 //
-// One job at a time. The caller publishes a job by storing
-// (generation << 32 | next task) into word_; the caller and the workers
-// claim tasks with a compare-and-swap on that word, so a worker that is late
-// for generation g can never claim a task of generation g + 1 (its CAS fails
-// once the word changed). The caller closes the word (task field kClosed)
-// before it rewrites the job for the next generation. Workers are created on
-// demand and live for the process (detached); after fork() the child has
-// none and the caller runs every task itself.
+// One job at a time. The caller publishes a job by tagging one claim word
+// per task with the job's generation g (unclaimed: g << 1) and then opening
+// word_ (g << 32). A thread claims task i with a compare-and-swap of its word
+// from g << 1 to g << 1 | 1, so a worker that is late for generation g can
+// never claim a task of generation g + 1 (its tag differs). Each of the T
+// participants (the caller is 0, worker k is k + 1) first claims its own
+// tasks i = id, id + T, ... (the same ones from job to job: a column part of
+// W_hh or a batch group stays in the same core's cache), then any task still
+// unclaimed (a descheduled thread's tasks are taken by the others). Workers
+// are created on demand and live for the process (detached); after fork()
+// the child has none and the caller runs every task itself. Claim arrays are
+// never freed while the process lives (a late worker may still read one);
+// they grow geometrically, so they hold at most twice the largest job.
 #include "cpu/pool.h"
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -47,6 +53,8 @@ class Pool {
     word_.store((g << 32) | kClosed, std::memory_order_seq_cst);
     job_ = tasks;
     error_ = nullptr;
+    std::atomic<uint64_t>* claims = claims_for(tasks.count);
+    for (int64_t i = 0; i < tasks.count; ++i) claims[i].store(g << 1, std::memory_order_relaxed);
     total_.store(tasks.count, std::memory_order_relaxed);
     helpers_.store(helpers, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
@@ -55,7 +63,7 @@ class Pool {
       const std::lock_guard<std::mutex> lock(mu_);
       cv_.notify_all();
     }
-    work(g);
+    work(g, 0, helpers + 1);
     // Wait for the tasks still running on workers. Yield after a while so a
     // worker descheduled on this core gets it back.
     for (int spins = 0; done_.load(std::memory_order_acquire) != tasks.count; ++spins) {
@@ -81,14 +89,27 @@ class Pool {
     }
   }
 
-  // Claims and runs tasks of generation g until none is left.
-  void work(uint64_t g) {
-    for (;;) {
-      uint64_t w = word_.load(std::memory_order_acquire);
-      if ((w >> 32) != g) return;
-      const int64_t i = static_cast<int64_t>(w & 0xffffffffu);
-      if (i >= total_.load(std::memory_order_relaxed)) return;
-      if (!word_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel)) continue;
+  // A claim array of at least n words (caller only, under busy_).
+  std::atomic<uint64_t>* claims_for(int64_t n) {
+    if (n > cap_) {
+      cap_ = std::max<int64_t>(n, 2 * cap_);
+      retired_.push_back(std::make_unique<std::atomic<uint64_t>[]>(static_cast<size_t>(cap_)));
+      claims_.store(retired_.back().get(), std::memory_order_relaxed);
+    }
+    return claims_.load(std::memory_order_relaxed);
+  }
+
+  // Runs the tasks of generation g that participant `id` of `parts` claims:
+  // its own first, then any left.
+  void work(uint64_t g, int id, int parts) {
+    std::atomic<uint64_t>* claims = claims_.load(std::memory_order_acquire);
+    const int64_t n = total_.load(std::memory_order_relaxed);
+    const uint64_t open = g << 1;
+    auto take = [&](int64_t i) {
+      uint64_t expect = open;
+      if (claims[i].load(std::memory_order_relaxed) != open ||
+          !claims[i].compare_exchange_strong(expect, open | 1, std::memory_order_acq_rel))
+        return;
       t_in_task = true;
       try {
         job_.fn(job_.ctx, i);
@@ -98,7 +119,9 @@ class Pool {
       }
       t_in_task = false;
       done_.fetch_add(1, std::memory_order_acq_rel);
-    }
+    };
+    for (int64_t i = id; i < n; i += parts) take(i);
+    for (int64_t i = 0; i < n; ++i) take(i);
   }
 
   void loop(int index) {
@@ -123,7 +146,8 @@ class Pool {
         w = word_.load(std::memory_order_acquire);
       }
       seen = w >> 32;
-      if (index < helpers_.load(std::memory_order_relaxed)) work(seen);
+      const int helpers = helpers_.load(std::memory_order_relaxed);
+      if (index < helpers) work(seen, index + 1, helpers + 1);
     }
   }
 
@@ -140,10 +164,13 @@ class Pool {
   std::mutex mu_;
   std::condition_variable cv_;
   std::mutex error_mu_;
-  std::exception_ptr error_;  // first exception of the current job
-  uint64_t gen_ = 0;          // caller only (under busy_)
-  int workers_ = 0;           // caller only (under busy_)
-  Tasks job_{};               // written by the caller before word_ opens
+  std::exception_ptr error_;                             // first exception of the current job
+  uint64_t gen_ = 0;                                     // caller only (under busy_)
+  int workers_ = 0;                                      // caller only (under busy_)
+  Tasks job_{};                                          // written by the caller before word_ opens
+  std::atomic<std::atomic<uint64_t>*> claims_{nullptr};  // one claim word per task
+  int64_t cap_ = 0;                                      // caller only
+  std::vector<std::unique_ptr<std::atomic<uint64_t>[]>> retired_;  // every array (never freed)
 };
 
 }  // namespace
