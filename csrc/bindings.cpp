@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu/blas.h"
+#include "cpu/own_gemm.h"
 #include "tbptt/engine_api.h"
 #include "tbptt/errors.h"
 
@@ -787,7 +788,7 @@ PYBIND11_MODULE(_core, m) {
 #endif
     d["blas"] = tbptt::cpu::blas_name();
     d["blas_threads"] = tbptt::cpu::get_num_threads();
-    d["parallel_min_flops"] = tbptt::cpu::parallel_min_flops();
+    d["own_kernel"] = tbptt::cpu::own_kernel_isa();
 #ifdef __VERSION__
     d["compiler"] = __VERSION__;
 #endif

@@ -151,3 +151,15 @@ def test_targets_script_reads_a_bench_json(targets, tmp_path, capsys):
     assert targets.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "| cpu >= 6x numpy | lstm H=64 B=8 (16,16) t=1 | 5.00 | MISS |" in out
+
+
+def test_scaling_preset_sweeps_threads_up_to_the_cpus():
+    from tbptt_fast.bench.configs import scaling_configs, thread_sweep
+
+    assert thread_sweep(1) == [1]
+    assert thread_sweep(2) == [1, 2]
+    assert thread_sweep(5) == [1, 2, 4, 5]
+    assert thread_sweep(8) == [1, 2, 4, 8]
+    rows = scaling_configs(3)
+    assert [c.threads for c in rows if c.hidden == 64] == [1, 2, 3]
+    assert {c.hidden for c in rows} == {64, 256, 1024}

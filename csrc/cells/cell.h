@@ -85,6 +85,22 @@ struct StepFwd {
             h_out + b * h,
             c_out == nullptr ? nullptr : c_out + b * h};
   }
+  // Rows [b0, b0 + nb) of the step (a group of the batch).
+  TBPTT_HD StepFwd rows(int64_t b0, int64_t nb) const {
+    const int64_t h = hidden;
+    return {nb,
+            hidden,
+            gh,
+            g + b0 * gh,
+            u == nullptr ? nullptr : u + b0 * gh,
+            bi,
+            bh,
+            h_in + b0 * h,
+            c_in == nullptr ? nullptr : c_in + b0 * h,
+            aux == nullptr ? nullptr : aux + b0 * h,
+            h_out + b0 * h,
+            c_out == nullptr ? nullptr : c_out + b0 * h};
+  }
 };
 
 template <typename T>
@@ -110,6 +126,22 @@ struct StepBwd {
             dc_carry == nullptr ? nullptr : dc_carry + b * h,
             dg + b * gh,
             dgu + b * gh};
+  }
+  // Rows [b0, b0 + nb) of the step (a group of the batch).
+  TBPTT_HD StepBwd rows(int64_t b0, int64_t nb) const {
+    const int64_t h = hidden;
+    return {nb,
+            hidden,
+            gh,
+            g + b0 * gh,
+            aux == nullptr ? nullptr : aux + b0 * h,
+            h_in + b0 * h,
+            c_in == nullptr ? nullptr : c_in + b0 * h,
+            dh_in + b0 * h,
+            dh_carry + b0 * h,
+            dc_carry == nullptr ? nullptr : dc_carry + b0 * h,
+            dg + b0 * gh,
+            dgu + b0 * gh};
   }
 };
 

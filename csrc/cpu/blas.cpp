@@ -1,20 +1,19 @@
 // The BLAS wrapper and its thread policy (blas.h): the only translation unit
 // that includes cblas.h (scipy-openblas32 wheel). Products the own kernel
-// takes go to own_gemm.cpp.
+// takes go to own_gemm.cpp; parallel parts run on the pool (pool.h).
 #include "cpu/blas.h"
 
 #include <cblas.h>
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <climits>
-#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
-#include <thread>
+#include <type_traits>
 
 #include "cpu/own_gemm.h"
+#include "cpu/pool.h"
 #include "tbptt/errors.h"
 
 namespace tbptt::cpu {
@@ -28,39 +27,6 @@ blasint to_blasint(int64_t v) {
   TBPTT_CHECK_RT(v >= 0 && v <= INT_MAX, "BLAS dimension ", v, " exceeds the 32-bit BLAS limit");
   return static_cast<blasint>(v);
 }
-
-double read_threshold() {
-  const char* env = std::getenv("TBPTT_PARALLEL_MIN_FLOPS");
-  if (env != nullptr) {
-    char* end = nullptr;
-    const double v = std::strtod(env, &end);
-    if (end != env && v >= 0.0) return v;
-  }
-  return 8388608.0;  // 2^23, see blas.h
-}
-
-// Single-threaded OpenBLAS for the lifetime of the object when the product is
-// below the threshold (see blas.h).
-class SmallProductThreads {
- public:
-  SmallProductThreads(int64_t m, int64_t n, int64_t k) {
-    const double flops =
-        2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-    if (flops >= parallel_min_flops()) return;
-    const int current = scipy_openblas_get_num_threads();
-    if (current <= 1) return;
-    saved_ = current;
-    scipy_openblas_set_num_threads(1);
-  }
-  ~SmallProductThreads() {
-    if (saved_ > 0) scipy_openblas_set_num_threads(saved_);
-  }
-  SmallProductThreads(const SmallProductThreads&) = delete;
-  SmallProductThreads& operator=(const SmallProductThreads&) = delete;
-
- private:
-  int saved_ = 0;
-};
 
 template <typename T>
 void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
@@ -76,39 +42,6 @@ void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
   }
 }
 
-// A threaded product as single-threaded OpenBLAS calls on row (or column)
-// blocks of C, shared by the caller and the helper thread. OpenBLAS's own
-// pool is then never used, so its workers never spin-wait next to ours (with
-// both, 3 busy threads on 2 cores: the helper got a third of a core).
-template <typename T>
-struct SplitGemm {
-  bool trans_a, trans_b;
-  int64_t m, n, k;
-  T alpha;
-  const T* a;
-  int64_t lda;
-  const T* b;
-  int64_t ldb;
-  T beta;
-  T* c;
-  int64_t ldc;
-  int64_t parts;
-  bool by_rows;
-
-  void run(int64_t i) const {
-    const int64_t len = by_rows ? m : n, step = (len + parts - 1) / parts;
-    const int64_t lo = std::min(len, i * step), hi = std::min(len, lo + step);
-    if (hi <= lo) return;
-    if (by_rows) {
-      blas_gemm<T>(trans_a, trans_b, hi - lo, n, k, alpha, trans_a ? a + lo : a + lo * lda, lda, b,
-                   ldb, beta, c + lo * ldc, ldc);
-    } else {
-      blas_gemm<T>(trans_a, trans_b, m, hi - lo, k, alpha, a, lda, trans_b ? b + lo * ldb : b + lo,
-                   ldb, beta, c + lo, ldc);
-    }
-  }
-};
-
 template <typename T>
 void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -116,37 +49,128 @@ void gemm_impl(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T al
 #ifdef TBPTT_OWN_KERNEL
   if constexpr (std::is_same_v<T, float>) {
     if (!trans_a && !trans_b && alpha == 1.0f && own_kernel_takes(m, n, k)) {
-      own_gemm(m, n, k, a, lda, b, ldb, beta, c, ldc);
+      own_gemm(m, 0, n, k, a, lda, b, ldb, false, beta, c, ldc);
       return;
     }
   }
-  const double flops =
-      2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  const int threads = scipy_openblas_get_num_threads();
-  // Exactly 2 threads (the helper is one thread); more go to OpenBLAS's pool.
-  if (threads == 2 && flops >= parallel_min_flops()) {
-    // Parts of >= 2^22 FLOP, at most 8: a helper that starts late still
-    // takes some; the caller never waits for a part nobody started.
-    const int64_t parts =
-        std::max<int64_t>(2, std::min<int64_t>(8, static_cast<int64_t>(flops / 4194304.0)));
-    const bool by_rows = m >= n;
-    const SplitGemm<T> job{trans_a, trans_b, m,   n,    k, alpha, a,
-                           lda,     b,       ldb, beta, c, ldc,   std::min(parts, by_rows ? m : n),
-                           by_rows};
-    scipy_openblas_set_num_threads(1);
-    const bool ran = run_parts(
-        {[](const void* ctx, int64_t i) { static_cast<const SplitGemm<T>*>(ctx)->run(i); }, &job,
-         job.parts},
-        false);
-    scipy_openblas_set_num_threads(threads);
-    if (ran) return;
-  }
 #endif
-  SmallProductThreads threads_guard(m, n, k);
   blas_gemm<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// How a product is cut into parts: from its shape alone (see blas.h).
+struct Cut {
+  int64_t parts, step;
+  bool by_rows;
+};
+constexpr double kPartFlops = 4194304.0;  // 2^22 FLOP: ~60 us on one core
+constexpr int64_t kMaxParts = 16;
+
+int64_t round_up(int64_t v, int64_t a) {
+  return (v + a - 1) / a * a;
+}
+
+// A part re-packs the operand it shares with the others (B when cut by rows,
+// A by columns); when that operand is large a part must be long enough for
+// the re-packing to stay small next to its multiply-adds (128 rows or
+// columns: about 10 % on one core).
+Cut cut(int64_t m, int64_t n, int64_t k, int64_t col_align, size_t elem) {
+  const double flops =
+      2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const int64_t want =
+      std::clamp<int64_t>(static_cast<int64_t>(flops / kPartFlops), int64_t{1}, kMaxParts);
+  const bool by_rows = m >= n;
+  const int64_t len = by_rows ? m : n, align = by_rows ? 8 : col_align;
+  const double shared =
+      static_cast<double>(k) * static_cast<double>(by_rows ? n : m) * static_cast<double>(elem);
+  const int64_t min_len = shared > 262144.0 ? 128 : 1;
+  const int64_t step = round_up(std::max((len + want - 1) / want, min_len), align);
+  return {(len + step - 1) / step, step, by_rows};
+}
+
+std::mutex pin_mu;
+int pins = 0;          // live BlasPins
+int pinned_saved = 1;  // the setting to restore when the last pin goes
+
 }  // namespace
+
+BlasPin::BlasPin() {
+  const std::lock_guard<std::mutex> lock(pin_mu);
+  if (pins++ == 0) {
+    pinned_saved = scipy_openblas_get_num_threads();
+    if (pinned_saved != 1) scipy_openblas_set_num_threads(1);
+  }
+  threads_ = std::max(1, pinned_saved);
+}
+
+BlasPin::~BlasPin() {
+  const std::lock_guard<std::mutex> lock(pin_mu);
+  if (--pins == 0 && pinned_saved != 1) scipy_openblas_set_num_threads(pinned_saved);
+}
+
+template <typename T>
+void gemm_parallel(int threads, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                   T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                   int64_t ldc) {
+  const Cut p = cut(m, n, k, 32, sizeof(T));
+  if (p.parts <= 1) {
+    gemm_impl<T>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  parallel_for(threads, p.parts, [&](int64_t i) {
+    const int64_t lo = i * p.step, hi = std::min(p.by_rows ? m : n, lo + p.step);
+    if (p.by_rows) {
+      gemm_impl<T>(trans_a, trans_b, hi - lo, n, k, alpha, trans_a ? a + lo : a + lo * lda, lda, b,
+                   ldb, beta, c + lo * ldc, ldc);
+    } else {
+      gemm_impl<T>(trans_a, trans_b, m, hi - lo, k, alpha, a, lda, trans_b ? b + lo * ldb : b + lo,
+                   ldb, beta, c + lo, ldc);
+    }
+  });
+}
+template void gemm_parallel<float>(int, bool, bool, int64_t, int64_t, int64_t, float, const float*,
+                                   int64_t, const float*, int64_t, float, float*, int64_t);
+template void gemm_parallel<double>(int, bool, bool, int64_t, int64_t, int64_t, double,
+                                    const double*, int64_t, const double*, int64_t, double, double*,
+                                    int64_t);
+
+bool packed_available(int64_t m, int64_t n, int64_t k) {
+#ifdef TBPTT_OWN_KERNEL
+  return m >= 1 && m <= kOwnMaxM && n % 16 == 0 && k >= 1;
+#else
+  (void)m, (void)n, (void)k;
+  return false;
+#endif
+}
+
+void pack_panels(int64_t k, int64_t n, const float* b, int64_t ldb, bool trans_b, float* out) {
+  const int64_t width = own_panel_width();
+  for (int64_t j0 = 0; j0 < n; j0 += width) {
+    const int64_t nr = std::min<int64_t>(width, n - j0);
+    float* panel = out + j0 * k;  // [k, nr]
+    if (trans_b) {  // b is [n, ldb >= k]: panel row p gathers column p of nr rows of b
+      for (int64_t p = 0; p < k; ++p)
+        for (int64_t c = 0; c < nr; ++c) panel[p * nr + c] = b[(j0 + c) * ldb + p];
+    } else {
+      for (int64_t p = 0; p < k; ++p)
+        std::memcpy(panel + p * nr, b + p * ldb + j0, static_cast<size_t>(nr) * sizeof(float));
+    }
+  }
+}
+
+void gemm_packed(int threads, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                 const float* bp, float beta, float* c, int64_t ldc) {
+#ifdef TBPTT_OWN_KERNEL
+  const Cut p = cut(1, n, m * k, own_panel_width(), 0);  // column parts, whole panels
+  parallel_for(threads, p.parts, [&](int64_t i) {
+    const int64_t lo = i * p.step;
+    own_gemm(m, lo, std::min(n, lo + p.step), k, a, lda, bp, 0, true, beta, c, ldc);
+  });
+#else
+  (void)threads, (void)m, (void)n, (void)k, (void)a, (void)lda, (void)bp, (void)beta, (void)c;
+  (void)ldc;
+  throw std::logic_error("gemm_packed: no packed kernel in this build");
+#endif
+}
 
 template <>
 void gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
@@ -175,15 +199,17 @@ bool small_product_prefers_nn(int64_t m, int64_t n, int64_t k, bool fp32) {
 }
 
 void set_num_threads(int n) {
-  scipy_openblas_set_num_threads(n < 1 ? 1 : n);
+  const std::lock_guard<std::mutex> lock(pin_mu);
+  n = std::max(1, n);
+  if (pins > 0) {
+    pinned_saved = n;  // applied when the last pin goes; the engine reads it per call
+  } else {
+    scipy_openblas_set_num_threads(n);
+  }
 }
 int get_num_threads() {
-  return scipy_openblas_get_num_threads();
-}
-
-double parallel_min_flops() {
-  static const double threshold = read_threshold();
-  return threshold;
+  const std::lock_guard<std::mutex> lock(pin_mu);
+  return pins > 0 ? pinned_saved : scipy_openblas_get_num_threads();
 }
 
 const char* blas_name() {

@@ -23,6 +23,7 @@
 #include "cells/cell.h"
 #include "cpu/blas.h"
 #include "cpu/pointwise.h"
+#include "cpu/pool.h"
 #include "cpu/vmath.h"
 #include "tbptt/engine_api.h"
 #include "tbptt/ring.h"
@@ -57,19 +58,21 @@ void copy_n(const T* src, int64_t n, T* dst) {
   if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
 }
 
-// out[j] += alpha * sum_r a[r, j] for a [rows, cols].
+// out[j0 + j] += alpha * sum_r a[r, j0 + j] for j < nj, a [rows, cols].
 template <typename T>
-void add_colsum(const T* a, int64_t rows, int64_t cols, T alpha, T* out) {
+void add_colsum_cols(const T* a, int64_t rows, int64_t cols, int64_t j0, int64_t nj, T alpha,
+                     T* out) {
+  T* o = out + j0;
   if (alpha == T(1)) {
     for (int64_t r = 0; r < rows; ++r) {
-      const T* row = a + r * cols;
-      for (int64_t j = 0; j < cols; ++j) out[j] += row[j];
+      const T* row = a + r * cols + j0;
+      for (int64_t j = 0; j < nj; ++j) o[j] += row[j];
     }
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
-    const T* row = a + r * cols;
-    for (int64_t j = 0; j < cols; ++j) out[j] += alpha * row[j];
+    const T* row = a + r * cols + j0;
+    for (int64_t j = 0; j < nj; ++j) o[j] += alpha * row[j];
   }
 }
 
@@ -100,7 +103,15 @@ class Device {
   static constexpr bool kRowLoss = false;    // the loss is summed on the host as computed
   static constexpr bool kHostMemory = true;  // buffers are host memory
   static constexpr const char* kName = "machine";
-  struct Guard {};
+  // Held by every engine call: OpenBLAS single-threaded, and the thread
+  // count this call runs with (blas.h).
+  class Guard {
+   public:
+    explicit Guard(int& threads) { threads = pin_.threads(); }
+
+   private:
+    BlasPin pin_;
+  };
 
   Device(const Config& cfg, const std::vector<void*>& params, const std::vector<int64_t>& offsets)
       : cfg_(cfg),
@@ -113,7 +124,7 @@ class Device {
     exps_.assign(static_cast<size_t>(O_), 0.0);
   }
 
-  Guard guard() const { return {}; }
+  Guard guard() const { return Guard(threads_); }
   void sync() const {}
   T* param(int64_t i) const { return params_[static_cast<size_t>(i)]; }
   void pull_params() {}
@@ -169,11 +180,12 @@ class Device {
   // Packing (float) costs about the same and serves both per-step products.
   void begin_run(int64_t steps, int64_t batch) {
     const bool amortised = cfg_.k1 >= 8 && steps >= 8;
-    use_packed_ = amortised && std::is_same_v<T, float> && packed_available(batch, GH_, H_) &&
-                  packed_available(batch, H_, GH_);
+    const int64_t rows = group_rows(batch);  // rows of each per-step product
+    use_packed_ = amortised && std::is_same_v<T, float> && packed_available(rows, GH_, H_) &&
+                  packed_available(rows, H_, GH_);
     use_whh_t_ = amortised && !use_packed_ &&
-                 small_product_prefers_nn(batch, GH_, H_, std::is_same_v<T, float>);
-    packed_batch_ = batch;
+                 small_product_prefers_nn(rows, GH_, H_, std::is_same_v<T, float>);
+    packed_batch_ = rows;
     params_changed();
   }
 
@@ -291,6 +303,41 @@ class Device {
     f();
   }
 
+  // f(b0, nb) for groups of rows [b0, b0 + nb) covering the batch, on the
+  // thread pool. The rows of a batch are independent through the whole step
+  // sequence, so the groups need no synchronisation. The group size comes
+  // from the shapes alone (group_rows), so results do not depend on the
+  // thread count.
+  template <typename F>
+  void batch_groups(int64_t batch, const F& f) {
+    const int64_t rows = group_rows(batch);
+    const int64_t groups = (batch + rows - 1) / rows;
+    if (groups <= 1) {
+      f(int64_t{0}, batch);
+      return;
+    }
+    parallel_for(threads_, groups, [&](int64_t i) {
+      const int64_t b0 = i * rows;
+      f(b0, std::min(rows, batch - b0));
+    });
+  }
+
+  // Rows per batch group. Groups of 8 rows while one layer's W_hh fits a
+  // core's L2 cache (each group streams all of W_hh every step); beyond that
+  // one group, and each per-step product is cut into column parts that run
+  // on the pool instead (each core then keeps its columns of W_hh in cache).
+  // TBPTT_GROUP_ROWS=n overrides it (benchmarks; 0 = automatic).
+  int64_t group_rows(int64_t batch) const {
+    static const int64_t forced = [] {
+      const char* env = std::getenv("TBPTT_GROUP_ROWS");
+      return env == nullptr ? int64_t{0} : std::max<int64_t>(0, std::atoll(env));
+    }();
+    if (forced > 0) return std::min(forced, batch);
+    const double whh_bytes = static_cast<double>(GH_) * static_cast<double>(H_) * sizeof(T);
+    if (batch < 16 || whh_bytes > kGroupMaxWeightBytes) return batch;
+    return 8;
+  }
+
   // ---- products over steps [first, first + n) ------------------------------
   // c = alpha * a op(w) + beta * c over n * batch rows; op(w) = w^T ([cols, kdim]
   // stored, trans_w) or w ([kdim, cols] stored, row stride ldw).
@@ -302,7 +349,8 @@ class Device {
                                    : const_cast<T*>(rows_in(ring, c, batch, first, n, sb_)))
                    : c.base;
     const int64_t kdim = a.width;
-    gemm<T>(false, trans_w, n * batch, c.width, kdim, alpha, ap, kdim, w, ldw, beta, cp, c.width);
+    gemm_parallel<T>(threads_, false, trans_w, n * batch, c.width, kdim, alpha, ap, kdim, w, ldw,
+                     beta, cp, c.width);
     if (c.ring) scatter(ring, c, batch, first, n, cp);
   }
 
@@ -312,15 +360,23 @@ class Device {
     if (n <= 0) return;
     const T* ap = rows_in(ring, a, batch, first, n, sa_);
     const T* bp = rows_in(ring, b, batch, first, n, sb_);
-    gemm<T>(true, false, a.width, b.width, n * batch, alpha, ap, a.width, bp, b.width, T(1), out,
-            b.width);
+    gemm_parallel<T>(threads_, true, false, a.width, b.width, n * batch, alpha, ap, a.width, bp,
+                     b.width, T(1), out, b.width);
   }
 
   // out[a.width] += alpha * column sums of a over n * batch rows.
   void colsum(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, Rows<T> a, T alpha,
               T* out) {
     if (n <= 0) return;
-    add_colsum(rows_in(ring, a, batch, first, n, sa_), n * batch, a.width, alpha, out);
+    const T* ap = rows_in(ring, a, batch, first, n, sa_);
+    // Column blocks: each column's sum runs over the rows in order, so any
+    // split gives the same result.
+    const int64_t rows = n * batch, blk = 256;
+    const int64_t parts = rows * a.width >= (1 << 16) ? (a.width + blk - 1) / blk : 1;
+    parallel_for(threads_, parts, [&](int64_t i) {
+      const int64_t j0 = i * blk, nj = parts == 1 ? a.width : std::min(blk, a.width - j0);
+      add_colsum_cols(ap, rows, a.width, j0, nj, alpha, out);
+    });
   }
 
   // Every row of c (n * batch rows) = row [c.width].
@@ -345,28 +401,32 @@ class Device {
   // 2.3 us instead of 10.9 us for the NT form); else NT against W_hh.
   void recurrent(int64_t l, int64_t batch, const T* h_in, T beta, T* out) {
     if constexpr (std::is_same_v<T, float>) {
-      if (!packed_t_.empty() && batch == packed_batch_) {
-        gemm_packed(batch, GH_, H_, h_in, H_, packed_t_.data() + l * H_ * GH_, beta, out, GH_);
+      if (!packed_t_.empty() && batch <= packed_batch_) {
+        gemm_packed(threads_, batch, GH_, H_, h_in, H_, packed_t_.data() + l * H_ * GH_, beta, out,
+                    GH_);
         return;
       }
     }
     if (!whh_t_.empty()) {
-      gemm<T>(false, false, batch, GH_, H_, T(1), h_in, H_, whh_t_.data() + l * H_ * GH_, GH_, beta,
-              out, GH_);
+      gemm_parallel<T>(threads_, false, false, batch, GH_, H_, T(1), h_in, H_,
+                       whh_t_.data() + l * H_ * GH_, GH_, beta, out, GH_);
     } else {
-      gemm<T>(false, true, batch, GH_, H_, T(1), h_in, H_, w_hh(l), H_, beta, out, GH_);
+      gemm_parallel<T>(threads_, false, true, batch, GH_, H_, T(1), h_in, H_, w_hh(l), H_, beta,
+                       out, GH_);
     }
   }
 
   // out[B, H] = dG W_hh + beta * out (dG [B, G*H]).
   void recurrent_grad(int64_t l, int64_t batch, const T* dg, T beta, T* out) {
     if constexpr (std::is_same_v<T, float>) {
-      if (!packed_.empty() && batch == packed_batch_) {
-        gemm_packed(batch, H_, GH_, dg, GH_, packed_.data() + l * H_ * GH_, beta, out, H_);
+      if (!packed_.empty() && batch <= packed_batch_) {
+        gemm_packed(threads_, batch, H_, GH_, dg, GH_, packed_.data() + l * H_ * GH_, beta, out,
+                    H_);
         return;
       }
     }
-    gemm<T>(false, false, batch, H_, GH_, T(1), dg, GH_, w_hh(l), H_, beta, out, H_);
+    gemm_parallel<T>(threads_, false, false, batch, H_, GH_, T(1), dg, GH_, w_hh(l), H_, beta, out,
+                     H_);
   }
 
   // The state entering a step: h_prev (and c_prev) copied into the step's
@@ -375,7 +435,7 @@ class Device {
                    const T* c_init, const uint8_t* resets, T* h_in, T* c_in) {
     const int64_t bh = batch * hidden;
     copy_n(h_prev, bh, h_in);
-    if (c_in != nullptr) copy_n(c_prev, bh, c_in);
+    if (c_in != nullptr && c_prev != nullptr) copy_n(c_prev, bh, c_in);
     for (int64_t b = 0; b < batch; ++b) {
       if (resets[b] == 0) continue;
       copy_n(h_init + b * hidden, hidden, h_in + b * hidden);
@@ -393,13 +453,39 @@ class Device {
     }
   }
 
+  // The cells' pointwise passes. Outside a batch group (one group: large
+  // W_hh) a large step is cut into row blocks on the pool; every row is
+  // computed the same way whatever the blocks, so the cut may follow the
+  // thread count.
   template <typename Cell>
   void cell_forward(const cells::StepFwd<T>& s) {
-    forward_pass(Cell{}, s);
+    const int64_t blocks = row_blocks(s.batch, s.gh);
+    if (blocks <= 1) {
+      forward_pass(Cell{}, s);
+      return;
+    }
+    const int64_t rows = (s.batch + blocks - 1) / blocks;
+    parallel_for(threads_, blocks, [&](int64_t i) {
+      const int64_t b0 = i * rows;
+      if (b0 < s.batch) forward_pass(Cell{}, s.rows(b0, std::min(rows, s.batch - b0)));
+    });
   }
   template <typename Cell>
   void cell_backward(const cells::StepBwd<T>& s, bool has_carry) {
-    backward_pass(Cell{}, s, has_carry);
+    const int64_t blocks = row_blocks(s.batch, s.gh);
+    if (blocks <= 1) {
+      backward_pass(Cell{}, s, has_carry);
+      return;
+    }
+    const int64_t rows = (s.batch + blocks - 1) / blocks;
+    parallel_for(threads_, blocks, [&](int64_t i) {
+      const int64_t b0 = i * rows;
+      if (b0 < s.batch) backward_pass(Cell{}, s.rows(b0, std::min(rows, s.batch - b0)), has_carry);
+    });
+  }
+  int64_t row_blocks(int64_t batch, int64_t width) const {
+    if (threads_ <= 1 || in_task() || batch * width < kPointwiseMinElems) return 1;
+    return std::min<int64_t>(batch, threads_);
   }
 
   // ---- loss ---------------------------------------------------------------
@@ -485,7 +571,15 @@ class Device {
     bool finite;
   };
   GradStatus grad_status(const T* g, int64_t n) const {
-    const double sumsq = vmath::sum_squares(g, n);
+    // Fixed chunks, their sums added in order: the same for any thread count.
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<double> part(static_cast<size_t>(std::max<int64_t>(chunks, 1)), 0.0);
+    parallel_for(threads_, chunks, [&](int64_t i) {
+      part[static_cast<size_t>(i)] =
+          vmath::sum_squares(g + i * kChunk, std::min(kChunk, n - i * kChunk));
+    });
+    double sumsq = 0.0;
+    for (const double v : part) sumsq += v;
     bool finite = std::isfinite(sumsq);
     if (!finite) finite = std::all_of(g, g + n, [](T v) { return std::isfinite(v); });
     return {sumsq, finite};
@@ -510,13 +604,14 @@ class Device {
         const T* g = grad + off;
         T* m = m_all + off;
         T* v = v_all + off;
-        const int64_t n = cfg_.param_size(i);
-        for (int64_t j = 0; j < n; ++j) {
-          const T gj = g[j] * coef + wd * p[j];
-          m[j] += (T(1) - b1) * (gj - m[j]);
-          v[j] = b2 * v[j] + (T(1) - b2) * gj * gj;
-          p[j] -= step_size * m[j] / (std::sqrt(v[j]) / bc2_sqrt + eps);
-        }
+        chunked(cfg_.param_size(i), [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {
+            const T gj = g[j] * coef + wd * p[j];
+            m[j] += (T(1) - b1) * (gj - m[j]);
+            v[j] = b2 * v[j] + (T(1) - b2) * gj * gj;
+            p[j] -= step_size * m[j] / (std::sqrt(v[j]) / bc2_sqrt + eps);
+          }
+        });
       }
       return;
     }
@@ -526,21 +621,36 @@ class Device {
       T* p = params_[static_cast<size_t>(i)];
       const size_t off = static_cast<size_t>(offsets_[static_cast<size_t>(i)]);
       const T* g = grad + off;
-      const int64_t n = cfg_.param_size(i);
       if (mom == T(0)) {
-        for (int64_t j = 0; j < n; ++j) p[j] -= lr * (g[j] * coef + wd * p[j]);
+        chunked(cfg_.param_size(i), [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) p[j] -= lr * (g[j] * coef + wd * p[j]);
+        });
         continue;
       }
       T* buf = m_all + off;
-      for (int64_t j = 0; j < n; ++j) {
-        const T dp = g[j] * coef + wd * p[j];
-        buf[j] = mom * buf[j] + dp;  // first step: buf = 0 -> dp, as torch
-        p[j] -= lr * (nesterov ? dp + mom * buf[j] : buf[j]);
-      }
+      chunked(cfg_.param_size(i), [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const T dp = g[j] * coef + wd * p[j];
+          buf[j] = mom * buf[j] + dp;  // first step: buf = 0 -> dp, as torch
+          p[j] -= lr * (nesterov ? dp + mom * buf[j] : buf[j]);
+        }
+      });
     }
   }
 
  private:
+  static constexpr int64_t kChunk = 65536;              // elements per task of elementwise passes
+  static constexpr int64_t kPointwiseMinElems = 16384;  // gate values of a step worth splitting
+
+  // f(j0, j1) over [0, n) in chunks of kChunk on the pool (elementwise work:
+  // any split gives the same result).
+  template <typename F>
+  void chunked(int64_t n, const F& f) const {
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    parallel_for(threads_, chunks,
+                 [&](int64_t i) { f(i * kChunk, std::min(n, (i + 1) * kChunk)); });
+  }
+
   const T* w_hh(int64_t l) const { return params_[static_cast<size_t>(cfg_.layer_param(l, 1))]; }
 
   // x rows [r0, r0 + rows) of st from rows [src, src + rows) of the caller's
@@ -608,7 +718,9 @@ class Device {
   bool use_whh_t_ = false;                    // per run(): NN per-step products (see begin_run)
   std::vector<float> packed_t_, packed_;      // float: [L] W_hh^T, W_hh in panels (pack_panels)
   bool use_packed_ = false;                   // per run(): packed per-step products
-  int64_t packed_batch_ = 0;                  // the batch the product forms were chosen for
+  mutable int threads_ = 1;                   // this call's thread count (Guard)
+  static constexpr double kGroupMaxWeightBytes = 512.0 * 1024.0;  // group_rows()
+  int64_t packed_batch_ = 0;  // the batch the product forms were chosen for
 };
 
 }  // namespace tbptt::cpu

@@ -276,6 +276,11 @@ class Device {
                      key.backward};
     graphs_.run(g, stream(), f);
   }
+  // The whole batch is one group: every kernel spans all rows.
+  template <typename F>
+  void batch_groups(int64_t batch, F&& f) {
+    f(int64_t{0}, batch);
+  }
 
   // ---- products over steps [first, first + n) ------------------------------
   // c = alpha * a op(w) + beta * c over n * batch rows; op(w) = w^T ([cols, kdim]

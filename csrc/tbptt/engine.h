@@ -766,27 +766,33 @@ class Engine final : public EngineBase {
     T* xin = l == 0 ? input_x(st) : layer_out(st, l - 1);
     dev_.product(ring, first, n, b, ring_rows(xin, d), true, w_ih(l), d,
                  ring_rows(st.layers[static_cast<size_t>(l)].gates.data(), GH_), T(1), T(0));
+    // The batch rows are independent through the whole step sequence: the
+    // device runs it per group of rows (cpu: groups on the thread pool).
     dev_.step_sequence(StepKey{&st, h_state, l, ring.slot(first), n, false}, [&] {
-      const int64_t bh = b * H_;
-      const T* h_init = state_h(init, l, b);
-      const T* c_init = state_c(init, l, b);
-      const T* h_prev = h_state;
-      for (int64_t s = first; s < first + n; ++s) {
-        const int64_t slot = ring.slot(s);
-        const cells::StepFwd<T> c =
-            step_fwd(st, b, l, slot, Cell::kSplitU ? u.data() : nullptr, c_state);
-        T* h_in = st.layers[static_cast<size_t>(l)].h_in.data() + slot * bh;
-        dev_.enter_state(b, H_, h_prev, c_state, h_init, c_init, in.resets.data() + slot * b, h_in,
-                         c_in(st, l, slot, b));
-        if constexpr (Cell::kSplitU) {
-          dev_.recurrent(l, b, h_in, T(0), u.data());
-        } else {
-          dev_.recurrent(l, b, h_in, T(1), c.g);
+      dev_.batch_groups(b, [&](int64_t b0, int64_t nb) {
+        const int64_t rh = b0 * H_;
+        const T* h_init = state_h(init, l, b) + rh;
+        const T* c_init = kCellState ? state_c(init, l, b) + rh : nullptr;
+        T* c_run = kCellState ? c_state + rh : nullptr;
+        T* u_rows = Cell::kSplitU ? u.data() + b0 * GH_ : nullptr;
+        const T* h_prev = h_state + rh;
+        for (int64_t s = first; s < first + n; ++s) {
+          const int64_t slot = ring.slot(s);
+          const cells::StepFwd<T> c = step_fwd(st, b, l, slot, nullptr, nullptr).rows(b0, nb);
+          const cells::StepFwd<T> cr{c.batch, c.hidden, c.gh,   c.g,   u_rows,  c.bi,
+                                     c.bh,    c.h_in,   c.c_in, c.aux, c.h_out, c_run};
+          dev_.enter_state(nb, H_, h_prev, c_run, h_init, c_init, in.resets.data() + slot * b + b0,
+                           const_cast<T*>(c.h_in), const_cast<T*>(c.c_in));
+          if constexpr (Cell::kSplitU) {
+            dev_.recurrent(l, nb, c.h_in, T(0), u_rows);
+          } else {
+            dev_.recurrent(l, nb, c.h_in, T(1), c.g);
+          }
+          dev_.template cell_forward<Cell>(cr);
+          h_prev = c.h_out;
         }
-        dev_.template cell_forward<Cell>(c);
-        h_prev = c.h_out;
-      }
-      dev_.copy(h_state, h_prev, bh);
+        dev_.copy(h_state + rh, h_prev, nb * H_);
+      });
     });
   }
 
@@ -944,28 +950,33 @@ class Engine final : public EngineBase {
   // cut where the step reset (no gradient crosses a reset).
   void backward_steps(St& act, int64_t l, int64_t t, int64_t w) {
     const int64_t bh = B_ * H_, bg = B_ * GH_;
-    for (int64_t s = t; s > w; --s) {
-      const int64_t slot = ring_.slot(s), j = s - w - 1;
-      const cells::StepFwd<T> c = step_fwd(act, B_, l, slot, nullptr, nullptr);
-      T* dg = dg_.data() + j * bg;
-      T* dgu = Cell::kSplitU ? dgu_.data() + j * bg : dg;
-      const cells::StepBwd<T> g{B_,
-                                H_,
-                                GH_,
-                                c.g,
-                                c.aux,
-                                c.h_in,
-                                c.c_in,
-                                dh_.data() + j * bh,
-                                dh_carry_.data(),
-                                kCellState ? dc_carry_.data() : nullptr,
-                                dg,
-                                dgu};
-      dev_.template cell_backward<Cell>(g, s < t);
-      if (s == w + 1) continue;
-      dev_.recurrent_grad(l, B_, dgu, Cell::kSplitU ? T(1) : T(0), dh_carry_.data());
-      dev_.cut_carry(B_, H_, real_.resets.data() + slot * B_, dh_carry_.data(), dc_carry_.data());
-    }
+    dev_.batch_groups(B_, [&](int64_t b0, int64_t nb) {
+      T* dh_carry = dh_carry_.data() + b0 * H_;
+      T* dc_carry = dc_carry_.data() + b0 * H_;  // [B, H] allocated for every cell
+      for (int64_t s = t; s > w; --s) {
+        const int64_t slot = ring_.slot(s), j = s - w - 1;
+        const cells::StepFwd<T> c = step_fwd(act, B_, l, slot, nullptr, nullptr);
+        T* dg = dg_.data() + j * bg;
+        T* dgu = Cell::kSplitU ? dgu_.data() + j * bg : dg;
+        const cells::StepBwd<T> g = cells::StepBwd<T>{B_,
+                                                      H_,
+                                                      GH_,
+                                                      c.g,
+                                                      c.aux,
+                                                      c.h_in,
+                                                      c.c_in,
+                                                      dh_.data() + j * bh,
+                                                      dh_carry_.data(),
+                                                      kCellState ? dc_carry_.data() : nullptr,
+                                                      dg,
+                                                      dgu}
+                                        .rows(b0, nb);
+        dev_.template cell_backward<Cell>(g, s < t);
+        if (s == w + 1) continue;
+        dev_.recurrent_grad(l, nb, g.dgu, Cell::kSplitU ? T(1) : T(0), dh_carry);
+        dev_.cut_carry(nb, H_, real_.resets.data() + slot * B_ + b0, dh_carry, dc_carry);
+      }
+    });
   }
 
   // ---- data -------------------------------------------------------------

@@ -134,6 +134,10 @@ else
   timeout 60 "$PY" /tmp/tbptt_memcheck.py 2>&1 | tee "$LOG/memcheck.log" || status=1
 fi
 
+note "bench: cpu thread scaling (1, 2, 4, ... up to this machine's cores)"
+timeout 300 "$PY" -m tbptt_fast bench --scaling --no-check --repeats 2 --sample-seconds 0.3 \
+  --max-retries 0 --json "$LOG/scaling.json" 2>&1 | tee "$LOG/scaling.log" || true
+
 note "bench: CUDA rows"
 if "$PY" -m tbptt_fast bench --help 2>/dev/null | grep -q -- "cuda"; then
   timeout 120 "$PY" -m tbptt_fast bench --backend cuda 2>&1 | tee "$LOG/bench.log"

@@ -7,6 +7,7 @@ The work definition (throughput, FLOPs per timestep, fraction of peak) is stated
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ..reference import GATES
 
@@ -98,6 +99,8 @@ PRESETS = {
     ),
     # every configuration that a target names, for all three cells, 1 and 2 threads,
     # and cross-entropy rows
+    # engine threads 1, 2, 4, ... up to the CPUs this process may use (cpu rows)
+    "scaling": dict(configs=None, repeats=3, sample_s=0.5, max_retries=2),
     "full": dict(
         configs=[
             Config(cell, h, b, k1, k2, t)
@@ -123,6 +126,30 @@ PRESETS = {
         max_retries=3,
     ),
 }
+
+
+def thread_sweep(n: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to ``n`` (default: the CPUs this process may use), and ``n`` itself."""
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            n = os.cpu_count() or 1
+    out, t = [], 1
+    while t < n:
+        out.append(t)
+        t *= 2
+    return [*out, n]
+
+
+def scaling_configs(n: int | None = None) -> list[Config]:
+    """The thread-scaling rows: a batch-group shape (H=64), a column-part
+    shape (H=256) and a large one (H=1024), LSTM B=32, threads 1..n."""
+    return [
+        Config("lstm", h, 32, k1, k2, t)
+        for (h, k1, k2) in [(64, 16, 16), (256, 16, 64), (1024, 64, 64)]
+        for t in thread_sweep(n)
+    ]
 
 
 def parse_ks(text: str) -> list[tuple[int, int]]:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .checks import max_rel_err
-from .configs import PRESETS, Config, make_matrix, parse_ints, parse_ks
+from .configs import PRESETS, Config, make_matrix, parse_ints, parse_ks, scaling_configs
 from .peers import torch_loops
 from .report import add_ratios, report
 from .runners import ALL_IMPLS, IMPLS, TbRunner, make_params, unavailable_reason
@@ -257,6 +257,12 @@ def build_parser(prog: str = "tbptt-fast bench") -> argparse.ArgumentParser:
         help="the default: about a minute on 2 cores, under 2 minutes on a busy machine",
     )
     g.add_argument("--full", action="store_true", help="every configuration a target names")
+    g.add_argument(
+        "--scaling",
+        action="store_true",
+        help="the cpu engine at 1, 2, 4, ... threads up to this machine's CPUs (LSTM H=64, "
+        "256, 1024; implies --impls cpu unless given)",
+    )
     p.add_argument("--cells", help="comma list, e.g. lstm,gru,rnn_tanh (custom matrix)")
     p.add_argument("--hidden", type=parse_ints, help="comma list of H (= D)")
     p.add_argument("--batch", type=parse_ints, help="comma list of B")
@@ -296,8 +302,10 @@ def build_parser(prog: str = "tbptt-fast bench") -> argparse.ArgumentParser:
 
 def configs_from_args(args) -> tuple[list[Config], dict]:
     """The matrix and run options chosen on the command line."""
-    preset = PRESETS["tiny" if args.tiny else "full" if args.full else "quick"]
-    configs = list(preset["configs"])
+    name = "tiny" if args.tiny else "full" if args.full else "quick"
+    name = "scaling" if getattr(args, "scaling", False) else name
+    preset = PRESETS[name]
+    configs = list(preset["configs"] or scaling_configs())
     custom = any(v is not None for v in (args.cells, args.hidden, args.batch, args.k, args.loss))
     if custom:
         configs = [
@@ -335,6 +343,8 @@ def run_from_args(args: argparse.Namespace, log: Callable[[str], None] = _log) -
     """Run the matrix chosen on a command line of ``build_parser``; returns ``run``'s result,
     or None (after printing why) when an implementation name is unknown."""
     configs, opts = configs_from_args(args)
+    if getattr(args, "scaling", False) and args.impls == ",".join(ALL_IMPLS):
+        args.impls = "cpu"
     impls = [n.strip() for n in args.impls.split(",") if n.strip()]
     bad = [n for n in impls if n not in IMPLS]
     if bad:
