@@ -62,8 +62,8 @@ struct Cut {
   int64_t parts, step;
   bool by_rows;
 };
-constexpr double kPartFlops = 4194304.0;  // 2^22 FLOP: ~60 us on one core
-constexpr int64_t kMaxParts = 16;
+constexpr double kPartFlops = 2097152.0;  // 2^21 FLOP: ~30 us on one core
+constexpr int64_t kMaxParts = 32;
 
 int64_t round_up(int64_t v, int64_t a) {
   return (v + a - 1) / a * a;

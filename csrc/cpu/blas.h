@@ -27,7 +27,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
           int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
 // The same product cut into row (or column) blocks of C chosen from the
-// shape alone (about 4 MFLOP each, at most 16), run on `threads` threads.
+// shape alone (about 2 MFLOP each, at most 32), run on `threads` threads.
 template <typename T>
 void gemm_parallel(int threads, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
                    T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
