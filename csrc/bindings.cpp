@@ -716,9 +716,23 @@ py::class_<H> bind_engine(py::module_& m, const char* name, const char* doc) {
       .def("restore", &H::restore, py::arg("snapshot"), "Restore a snapshot() (checkpoints).")
       .def("flush", &H::flush, py::arg("return_grads") = false, py::arg("reduce") = py::none())
       .def("state", &H::state)
-      .def_property_readonly("step_count", [](const H& h) { return h.engine->step_count(); })
-      .def_property_readonly("pending", [](const H& h) { return h.engine->pending(); })
-      .def_property_readonly("stored_steps", [](const H& h) { return h.engine->stored_steps(); })
+      // The counters are written by a run with the GIL released: read them only
+      // when no call is running (or from its own on_update, between updates).
+      .def_property_readonly("step_count",
+                             [](H& h) {
+                               const typename H::Busy busy_guard(h, true);
+                               return h.engine->step_count();
+                             })
+      .def_property_readonly("pending",
+                             [](H& h) {
+                               const typename H::Busy busy_guard(h, true);
+                               return h.engine->pending();
+                             })
+      .def_property_readonly("stored_steps",
+                             [](H& h) {
+                               const typename H::Busy busy_guard(h, true);
+                               return h.engine->stored_steps();
+                             })
       .def("pull_params",
            [](H& h) {
              const typename H::Busy busy_guard(h, true);

@@ -117,15 +117,6 @@ def test_cuda_torch_tensors_in_place():
     _assert_same(r1, r2, host.model, dev.model)
 
 
-OVERFLOW_NOT_CHECKED = pytest.mark.xfail(
-    strict=True,
-    reason="bug (issue 15): the CUDA engine's scan_device 'finite' judges each value as read "
-    "(isfinite(load_double(a, i)) in csrc/cuda/inputs.cuh scan_kernel), not after the cast to "
-    "the model dtype: float64 1e39 into a float32 model passes and becomes Inf in the gather, "
-    "a NonFiniteError mid-fit instead of the host path's ValueError",
-)
-
-
 @pytest.mark.parametrize(
     "case",
     [
@@ -133,8 +124,8 @@ OVERFLOW_NOT_CHECKED = pytest.mark.xfail(
         "target_inf_read",
         "mask_nan",
         "label",
-        pytest.param("x_overflow", marks=OVERFLOW_NOT_CHECKED),
-        pytest.param("target_overflow_read", marks=OVERFLOW_NOT_CHECKED),
+        "x_overflow",
+        "target_overflow_read",
     ],
 )
 def test_cuda_device_validation_matches_host(cp, case):

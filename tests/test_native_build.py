@@ -309,9 +309,8 @@ def test_engine_matches_reference_kernel_sizes(cell, H, B, threads, dtype):
     # Sizes that take the CPU engine's own per-step GEMM kernel with packed or
     # transposed W_hh (batch <= 32, widths a multiple of 16, row and 16-column
     # remainder tiles; k1 and run lengths >= 8, short runs keep W_hh as is) or
-    # fall back to OpenBLAS (B > 32), with 2 layers; with 2 threads the per-step
-    # products share panels with the helper thread and the block/window
-    # products run as split single-threaded OpenBLAS calls.
+    # fall back to OpenBLAS (B > 32), with 2 layers; with 2 threads the batch
+    # groups, product parts and pointwise row blocks run on the engine's pool.
     cfg = make_config(
         cell=cell, input_size=24, hidden_size=H, output_size=5, dtype=dtype, k1=8, k2=10
     )

@@ -706,8 +706,8 @@ class Device {
     const View a = make_view(req.array);
     scan_kernel<<<grid_for(n), kThreads, 0, stream()>>>(
         a, static_cast<int>(req.kind), req.mask != nullptr ? make_view(*req.mask) : no_view(),
-        std::max<int64_t>(1, req.mask_div), req.row_len, req.num_classes, n, words,
-        rows > 0 ? words + 1 : nullptr);
+        std::max<int64_t>(1, req.mask_div), req.row_len, req.num_classes, n,
+        std::is_same<T, float>::value, words, rows > 0 ? words + 1 : nullptr);
     TBPTT_CUDA_CHECK(cudaGetLastError());
     std::vector<unsigned long long> host(static_cast<size_t>(1 + rows));
     TBPTT_CUDA_CHECK(cudaMemcpyAsync(host.data(), words, host.size() * sizeof(unsigned long long),

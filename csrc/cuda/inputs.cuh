@@ -138,15 +138,21 @@ __device__ __forceinline__ bool is_read(const View& mask, int64_t mask_div, int6
 }
 
 // first_bad: one word, ~0 on entry; receives the smallest bad flat index.
+// to_float: the engine computes in float32, so a finite value that overflows
+// in that cast (float64 1e39) is as bad as an Inf: judged after the same
+// round-to-nearest cast the gather kernels make.
 // counts (kFlag with row_len > 0): [n / row_len] zeros on entry; receives the
 // number of nonzero entries of each row.
 __global__ void scan_kernel(View a, int kind, View mask, int64_t mask_div, int64_t row_len,
-                            int64_t num_classes, int64_t n, unsigned long long* first_bad,
-                            unsigned long long* counts) {
+                            int64_t num_classes, int64_t n, bool to_float,
+                            unsigned long long* first_bad, unsigned long long* counts) {
   TBPTT_GRID_STRIDE(i, n) {
     bool bad = false;
     if (kind == static_cast<int>(ScanKind::kFinite)) {
-      bad = is_read(mask, mask_div, i) && !isfinite(load_double(a, i));
+      if (is_read(mask, mask_div, i)) {
+        const double v = load_double(a, i);
+        bad = to_float ? !isfinite(__double2float_rn(v)) : !isfinite(v);
+      }
     } else if (kind == static_cast<int>(ScanKind::kFlag)) {
       const double v = load_double(a, i);
       bad = is_float_type(a.type) && !isfinite(v);
