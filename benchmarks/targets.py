@@ -51,6 +51,16 @@ TARGETS = [
      "torch-bridge", None, 1.3),
     ("torch-bridge >= 1.8x torch-recompute", dict(hidden=256, batch=32, k1=16, k2=64), "ratio",
      "torch-bridge", "torch-recompute", 1.8),
+    # portable kernels and batch-parallel threads (the AVX2 machine kind and every core)
+    ("cpu >= 85% of GEMM peak", dict(cell="lstm", hidden=64, batch=8, k1=16, k2=16,
+     threads=1), "peak", "cpu", None, 0.85),
+    ("cpu 2 threads >= 1.7x 1 thread", dict(cell="lstm", hidden=64, batch=32, k1=16, k2=16,
+     threads=2), "threads", "cpu", None, 1.7),
+    ("cpu >= 3x best torch", dict(cell="lstm", hidden=256, batch=32, k1=16, k2=64, threads=2),
+     "torch", "cpu", None, 3.0),
+    ("cpu >= 1.5x best torch", dict(cell="lstm", hidden=1024, batch=32, k1=64, k2=64,
+     threads=2), "torch", "cpu", None, 1.5),
+    ("cpu more threads >= 0.9x 1 thread", dict(), "threads", "cpu", None, 0.9),
     ("cpu >= 6x textbook", dict(hidden=64), "textbook", "cpu", None, 6.0),
     ("cpu >= 2.5x textbook", dict(hidden=1024), "textbook", "cpu", None, 2.5),
 ]  # fmt: skip
@@ -83,6 +93,10 @@ def evaluate_targets(rows: list[dict]) -> list[dict]:
                 base = index.get((*key[:3], 16, 16, key[5], impl))
                 value = base["throughput"] / r["throughput"] if base else None
                 good = value is not None and value <= thr
+            elif kind == "threads":  # throughput against the same row at 1 thread
+                base = index.get((*key[:5], 1, impl))
+                value = r["throughput"] / base["throughput"] if base and key[5] > 1 else None
+                good = value is not None and value >= thr
             elif kind == "torch":
                 value = r.get("vs_best_torch")
                 good = value is not None and value >= thr
