@@ -163,3 +163,18 @@ def test_scaling_preset_sweeps_threads_up_to_the_cpus():
     rows = scaling_configs(3)
     assert [c.threads for c in rows if c.hidden == 64] == [1, 2, 3]
     assert {c.hidden for c in rows} == {64, 256, 1024}
+
+
+def test_thread_targets_compare_with_the_same_row_at_one_thread(targets):
+    rows = [
+        {**Config("lstm", 64, 32, 16, 16, t).key(), "impl": "cpu", "status": "ok", "throughput": v}
+        for t, v in ((1, 100.0), (2, 180.0))
+    ]
+    got = {t["target"]: t for t in targets.evaluate_targets(rows)}
+    two = got["cpu 2 threads >= 1.7x 1 thread"]
+    assert two["pass"] and two["value"] == pytest.approx(1.8)
+    assert got["cpu more threads >= 0.9x 1 thread"]["pass"]
+    rows[1]["throughput"] = 80.0  # slower with 2 threads: both fail
+    got = {t["target"]: t for t in targets.evaluate_targets(rows)}
+    assert not got["cpu 2 threads >= 1.7x 1 thread"]["pass"]
+    assert not got["cpu more threads >= 0.9x 1 thread"]["pass"]
