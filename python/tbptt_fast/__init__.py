@@ -17,14 +17,20 @@ __version__ = "0.1.0"
 
 
 def set_num_threads(n: int) -> None:
-    """Set the number of threads the native CPU engine (its OpenBLAS) may use."""
+    """Set the number of threads the native CPU engine uses (an int >= 1).
+
+    The engine runs its own thread pool over work cut from the shapes alone,
+    so results are bit-identical for any ``n``; the setting is shared with the
+    engine's OpenBLAS (threadpoolctl sees and sets the same number), which the
+    engine holds at one thread while it runs.
+    """
     from . import _native
 
     _native.set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """The number of threads the native CPU engine (its OpenBLAS) may use."""
+    """The number of threads the native CPU engine uses (see :func:`set_num_threads`)."""
     from . import _native
 
     return _native.get_num_threads()

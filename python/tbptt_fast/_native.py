@@ -62,7 +62,7 @@ _load()
 
 
 def set_num_threads(n: int) -> None:
-    """Set the OpenBLAS thread count used by the native CPU engine."""
+    """Set the native CPU engine's thread count (its OpenBLAS setting; see tbptt_fast.set_num_threads)."""
     if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int >= 1, got {type(n).__name__}")
     n = int(n)
@@ -77,7 +77,7 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """The OpenBLAS thread count used by the native CPU engine."""
+    """The native CPU engine's thread count (its OpenBLAS setting)."""
     if core is not None:
         return int(core.get_num_threads())
     if _blas is not None:
