@@ -81,6 +81,7 @@ from .model import Model
 from .optim import SGD, Adam
 from .reference import Engine as ReferenceEngine
 from .reference import state_count
+from .tasks import Split
 
 __all__ = [
     "Advice",
@@ -249,28 +250,16 @@ class BiasTable:
 
 
 @dataclass
-class _Data:
+class _Data(Split):
     """Validated data in the engines' form: x [T, B, D] model dtype (or int64
     ids [T, B]), target [T, B, O] or int64 [T, B], mask [T, B] model dtype (all
     ones when none was given), resets [T, B] uint8 or None."""
 
-    x: np.ndarray
-    target: np.ndarray
-    mask: np.ndarray
-    resets: np.ndarray | None
-    loss: str
-
-    @property
-    def steps(self) -> int:
-        return int(self.x.shape[0])
-
-    @property
-    def batch(self) -> int:
-        return int(self.x.shape[1])
+    loss: str = "mse"
 
     def part(self, lo: int, hi: int) -> tuple:
-        r = None if self.resets is None else self.resets[lo:hi]
-        return self.x[lo:hi], self.target[lo:hi], self.mask[lo:hi], r
+        w = self.window(lo, hi)
+        return w.x, w.target, w.mask, w.resets
 
 
 def _data(model: Model, x, target, mask, resets, loss: str) -> _Data:
