@@ -270,16 +270,6 @@ class Device {
         copy_n(emb + st.ids[static_cast<size_t>(r)] * D, D, st.x.data() + r * D);
     }
   }
-  template <typename Store>
-  void copy_ids(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, const Store& from,
-                Store& to) {
-    Segment seg[2];
-    const int ns = ring.segments(first, n, seg);
-    for (int i = 0; i < ns; ++i) {
-      const int64_t r0 = seg[i].slot * batch;
-      copy_n(from.ids.data() + r0, seg[i].count * batch, to.ids.data() + r0);
-    }
-  }
   // grad_emb[ids[r]] += dx[r] for the n * batch rows of steps [first, first + n)
   // (ids in the ring, dx window-indexed), in row order: the same result for
   // any thread count.
@@ -459,33 +449,32 @@ class Device {
   // thread count.
   template <typename Cell>
   void cell_forward(const cells::StepFwd<T>& s) {
-    const int64_t blocks = row_blocks(s.batch, s.gh);
-    if (blocks <= 1) {
-      forward_pass(Cell{}, s);
-      return;
-    }
-    const int64_t rows = (s.batch + blocks - 1) / blocks;
-    parallel_for(threads_, blocks, [&](int64_t i) {
-      const int64_t b0 = i * rows;
-      if (b0 < s.batch) forward_pass(Cell{}, s.rows(b0, std::min(rows, s.batch - b0)));
-    });
+    in_row_blocks(s.batch, s.gh,
+                  [&](int64_t b0, int64_t nb) { forward_pass(Cell{}, s.rows(b0, nb)); });
   }
   template <typename Cell>
   void cell_backward(const cells::StepBwd<T>& s, bool has_carry) {
-    const int64_t blocks = row_blocks(s.batch, s.gh);
-    if (blocks <= 1) {
-      backward_pass(Cell{}, s, has_carry);
-      return;
-    }
-    const int64_t rows = (s.batch + blocks - 1) / blocks;
-    parallel_for(threads_, blocks, [&](int64_t i) {
-      const int64_t b0 = i * rows;
-      if (b0 < s.batch) backward_pass(Cell{}, s.rows(b0, std::min(rows, s.batch - b0)), has_carry);
+    in_row_blocks(s.batch, s.gh, [&](int64_t b0, int64_t nb) {
+      backward_pass(Cell{}, s.rows(b0, nb), has_carry);
     });
   }
-  int64_t row_blocks(int64_t batch, int64_t width) const {
-    if (threads_ <= 1 || in_task() || batch * width < kPointwiseMinElems) return 1;
-    return std::min<int64_t>(batch, threads_);
+  // f(b0, nb) over rows [0, batch) of a step of `width` gate values per row:
+  // one call, or row blocks on the pool when the step is large and not
+  // already inside a batch group's task.
+  template <typename F>
+  void in_row_blocks(int64_t batch, int64_t width, const F& f) {
+    const int64_t blocks = threads_ <= 1 || in_task() || batch * width < kPointwiseMinElems
+                               ? 1
+                               : std::min<int64_t>(batch, threads_);
+    if (blocks <= 1) {
+      f(int64_t{0}, batch);
+      return;
+    }
+    const int64_t rows = (batch + blocks - 1) / blocks;
+    parallel_for(threads_, blocks, [&](int64_t i) {
+      const int64_t b0 = i * rows;
+      if (b0 < batch) f(b0, std::min(rows, batch - b0));
+    });
   }
 
   // ---- loss ---------------------------------------------------------------

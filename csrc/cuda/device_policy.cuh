@@ -234,18 +234,6 @@ class Device {
       embed(st.ids.data() + r0, seg[i].count * batch, st.x.data() + r0 * D_);
     }
   }
-  // The ids of steps [first, first + n) from one store into another (same slots).
-  template <typename Store>
-  void copy_ids(const RingIndex& ring, int64_t first, int64_t n, int64_t batch, const Store& from,
-                Store& to) {
-    Segment seg[2];
-    const int ns = ring.segments(first, n, seg);
-    for (int i = 0; i < ns; ++i) {
-      const int64_t r0 = seg[i].slot * batch;
-      transfer_any(to.ids.data() + r0, from.ids.data() + r0, seg[i].count * batch,
-                   cudaMemcpyDeviceToDevice);
-    }
-  }
   // grad_emb[ids[r]] += dx[r] for the n * batch rows of steps [first, first + n)
   // (ids in the ring, dx window-indexed: row block j holds step first + j),
   // in row order: one kernel per ring segment, the segments in step order,

@@ -773,22 +773,22 @@ class Engine final : public EngineBase {
         const int64_t rh = b0 * H_;
         const T* h_init = state_h(init, l, b) + rh;
         const T* c_init = kCellState ? state_c(init, l, b) + rh : nullptr;
-        T* c_run = kCellState ? c_state + rh : nullptr;
         T* u_rows = Cell::kSplitU ? u.data() + b0 * GH_ : nullptr;
         const T* h_prev = h_state + rh;
         for (int64_t s = first; s < first + n; ++s) {
           const int64_t slot = ring.slot(s);
-          const cells::StepFwd<T> c = step_fwd(st, b, l, slot, nullptr, nullptr).rows(b0, nb);
-          const cells::StepFwd<T> cr{c.batch, c.hidden, c.gh,   c.g,   u_rows,  c.bi,
-                                     c.bh,    c.h_in,   c.c_in, c.aux, c.h_out, c_run};
-          dev_.enter_state(nb, H_, h_prev, c_run, h_init, c_init, in.resets.data() + slot * b + b0,
-                           const_cast<T*>(c.h_in), const_cast<T*>(c.c_in));
+          // c_out is the running cell state: c_prev of this step, c' after it.
+          const cells::StepFwd<T> c =
+              step_fwd(st, b, l, slot, Cell::kSplitU ? u.data() : nullptr, c_state).rows(b0, nb);
+          dev_.enter_state(nb, H_, h_prev, c.c_out, h_init, c_init,
+                           in.resets.data() + slot * b + b0, const_cast<T*>(c.h_in),
+                           const_cast<T*>(c.c_in));
           if constexpr (Cell::kSplitU) {
             dev_.recurrent(l, nb, c.h_in, T(0), u_rows);
           } else {
             dev_.recurrent(l, nb, c.h_in, T(1), c.g);
           }
-          dev_.template cell_forward<Cell>(cr);
+          dev_.template cell_forward<Cell>(c);
           h_prev = c.h_out;
         }
         dev_.copy(h_state + rh, h_prev, nb * H_);
@@ -889,7 +889,13 @@ class Engine final : public EngineBase {
     }
     // With an embedding the layer-0 input is looked up again with the current weights.
     if (cfg_.vocab_size > 0) {
-      dev_.copy_ids(ring_, w + 1, t - w, B_, real_, rc_);
+      Segment seg[2];
+      const int ns = ring_.segments(w + 1, t - w, seg);
+      for (int i = 0; i < ns; ++i) {
+        const int64_t r0 = seg[i].slot * B_;
+        dev_.copy_raw(rc_.ids.data() + r0, real_.ids.data() + r0,
+                      static_cast<size_t>(seg[i].count * B_));
+      }
       dev_.embed_rows(ring_, w + 1, t - w, B_, rc_);
     }
     for (int64_t l = 0; l < L_; ++l)
