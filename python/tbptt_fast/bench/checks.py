@@ -34,6 +34,30 @@ def _reference(c: Config, overlap: str, lr: float, steps: int):
     return params, x, target, ref
 
 
+def check_plan(cfg: Config) -> list[tuple[str, Config, int, float]]:
+    """The two checks of a row, as (tag, config, steps, tolerance): float64 on a
+    small model (H = D <= 16, B <= 3, O <= 4) over enough steps for several
+    overlapping windows (1e-8), and float32 at the row's size, one update (1e-4)."""
+    small = dataclasses.replace(
+        cfg,
+        hidden=min(cfg.hidden, 16),
+        batch=min(cfg.batch, 3),
+        out=min(cfg.out, 4),
+        dtype="float64",
+    )
+    return [
+        ("float64", small, cfg.k1 * (math.ceil(cfg.k2 / cfg.k1) + 2), 1e-8),
+        ("float32", cfg, cfg.k1, 1e-4),
+    ]
+
+
+def updates_err(got: list, ref: list) -> float:
+    """The largest relative gradient error over the updates (inf if their counts differ)."""
+    if len(got) != len(ref):
+        return math.inf
+    return max(max_rel_err(g, r) for g, r in zip(got, ref, strict=True))
+
+
 def check_impl(name: str, cfg: Config, lr: float = 0.01) -> dict:
     """Check an implementation's gradients against tbptt_fast backend "numpy".
 
@@ -49,24 +73,11 @@ def check_impl(name: str, cfg: Config, lr: float = 0.01) -> dict:
     ``ok`` (bool), ``err64``, ``err32`` and ``message``.
     """
     impl = IMPLS[name]
-    small = dataclasses.replace(
-        cfg,
-        hidden=min(cfg.hidden, 16),
-        batch=min(cfg.batch, 3),
-        out=min(cfg.out, 4),
-        dtype="float64",
-    )
     out = {"ok": True, "err64": None, "err32": None, "message": "ok"}
-    for tag, c, steps, tol in [
-        ("float64", small, cfg.k1 * (math.ceil(cfg.k2 / cfg.k1) + 2), 1e-8),
-        ("float32", cfg, cfg.k1, 1e-4),
-    ]:
+    for tag, c, steps, tol in check_plan(cfg):
         params, x, target, ref = _reference(c, impl.overlap, lr, steps)
         _, got = impl.build(c, params, lr).fit(x, target, True)
-        if len(got) != len(ref):
-            err = math.inf
-        else:
-            err = max(max_rel_err(g, r) for g, r in zip(got, ref, strict=True))
+        err = updates_err(got, ref)
         out["err64" if tag == "float64" else "err32"] = err
         if not err <= tol:
             out["ok"] = False

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from .checks import max_rel_err
+from .checks import check_plan, updates_err
 from .configs import PRESETS, Config, make_matrix, parse_ints, parse_ks, scaling_configs
 from .peers import torch_loops
 from .report import add_ratios, report
@@ -88,27 +87,13 @@ def check_ce(name: str, cfg: Config, lr: float = 0.01) -> dict:
     NumPy reference in float64 on a small model (1e-8), the first in float32 at the
     row's size (1e-4)."""
     build, _, overlap = CE_IMPLS[name]
-    small = dataclasses.replace(
-        cfg,
-        hidden=min(cfg.hidden, 16),
-        batch=min(cfg.batch, 3),
-        out=min(cfg.out, 4),
-        dtype="float64",
-    )
     out = {"ok": True, "err64": None, "err32": None, "message": "ok"}
-    for tag, c, steps, tol in [
-        ("float64", small, cfg.k1 * (math.ceil(cfg.k2 / cfg.k1) + 2), 1e-8),
-        ("float32", cfg, cfg.k1, 1e-4),
-    ]:
+    for tag, c, steps, tol in check_plan(cfg):
         params = make_params(c)
         x, target = ce_data(c, steps, seed=2)
         _, ref = TbRunner(c, params, "numpy", overlap, lr, CE).fit(x, target, True)
         _, got = build(c, params, lr).fit(x, target, True)
-        err = (
-            max(max_rel_err(g, r) for g, r in zip(got, ref, strict=True))
-            if len(got) == len(ref)
-            else math.inf
-        )
+        err = updates_err(got, ref)
         out["err64" if tag == "float64" else "err32"] = err
         if not err <= tol:
             out.update(
