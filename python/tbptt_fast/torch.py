@@ -34,7 +34,7 @@ from . import _validation as V
 from ._backend import make_engine
 from ._config import EngineConfig
 from .reference import state_count
-from .trainer import LOSSES, OVERLAPS, FitResult, UpdateInfo
+from .trainer import LOSSES, OVERLAPS, FitResult, UpdateInfo, reset_stream
 
 __all__ = ["TBPTT", "FitResult", "UpdateInfo"]
 
@@ -589,13 +589,7 @@ class TBPTT:
         [B, H] or ``(h, c)``. It is also the state that ``resets`` restore.
         """
         self._sync()
-        init = None
-        if initial_state is not None:
-            init = V.initial_state(initial_state, self._shape, None)
-        self._engine.reset(init)
-        self._batch = None if init is None else init[0].shape[0]
-        if init is not None:
-            self._last_batch = self._batch
+        reset_stream(self, initial_state, self._shape)
 
     @property
     def state(self):

@@ -118,6 +118,21 @@ class FitResult:
     outputs: np.ndarray | None = None
 
 
+def reset_stream(owner, initial_state, shape) -> None:
+    """Reset ``owner._engine`` to ``initial_state`` (validated against ``shape``:
+    a Model, or anything with its cell, num_layers, hidden_size and dtype; None
+    is zeros) and the stream's batch bookkeeping: ``owner._batch`` becomes the
+    initial state's batch (None without one), ``owner._last_batch`` keeps the
+    last batch size known. Shared by Trainer and the PyTorch bridge."""
+    init = None
+    if initial_state is not None:
+        init = V.initial_state(initial_state, shape, None)
+    owner._engine.reset(init)
+    owner._batch = None if init is None else init[0].shape[0]
+    if init is not None:
+        owner._last_batch = owner._batch
+
+
 class Trainer:
     """Trains a :class:`Model` with truncated backpropagation through time, TBPTT(k1, k2).
 
@@ -524,13 +539,7 @@ class Trainer:
     def reset_state(self, initial_state=None) -> None:
         """Trainer-level reset: step count 0, pending block and history discarded,
         state back to ``initial_state`` (zeros if None). The optimizer state is kept."""
-        init = None
-        if initial_state is not None:
-            init = V.initial_state(initial_state, self.model, None)
-        self._engine.reset(init)
-        self._batch = None if init is None else init[0].shape[0]
-        if init is not None:
-            self._last_batch = self._batch
+        reset_stream(self, initial_state, self.model)
 
     @property
     def state(self):
