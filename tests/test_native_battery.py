@@ -7,10 +7,6 @@ per-update gradients, outputs, final parameters and final state.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -259,16 +255,3 @@ def test_omitted_mask_and_resets_equal_explicit_ones(native_backend):
         outs.append(tr.fit(x, target, return_outputs=True, return_grads=True, **kw))
     assert_close(outs[0].outputs, outs[1].outputs, 1e-6, "outputs")
     assert_close(outs[0].losses, outs[1].losses, 1e-6, "losses")
-
-
-@pytest.mark.skipif(not tb.native_available(), reason="native module not built")
-def test_openblas_paths_without_avx512():
-    """The fast-path battery again, in a process where the engine acts as on a
-    CPU without AVX-512 (TBPTT_NO_AVX512: no own kernel, no packed W_hh, every
-    product through OpenBLAS, whose AVX2 kernels OPENBLAS_CORETYPE picks)."""
-    env = {**os.environ, "TBPTT_NO_AVX512": "1", "OPENBLAS_CORETYPE": "Haswell"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
-    cmd += ["-k", "fast_paths and cpu", "-W", "error"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "1 passed" in out.stdout
